@@ -1,0 +1,235 @@
+"""Mapping r(s,t), weight w(t), and the IMM loss on a tiny network."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from imm_jax import interpolants, losses, mmd
+from imm_jax.losses import IMMObjective
+from imm_jax.parameterization import Parameterization
+from tiny_net import TinyNet
+
+RNG = np.random.default_rng(3)
+
+
+def ref_weight(t, schedule, a, b):
+    """Spec §3.4 straight from its definition, float64."""
+    if schedule == "fm":
+        al, sg = 1 - t, t
+        dlam = 2 / (t * (1 - t))
+    else:
+        al, sg = np.cos(np.pi * t / 2), np.sin(np.pi * t / 2)
+        dlam = 2 * np.pi / np.sin(np.pi * t)
+    lam = 2 * np.log(al / sg)
+    return 0.5 / (1 + np.exp(lam - b)) * dlam * al ** a / (al ** 2 + sg ** 2)
+
+
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+@pytest.mark.parametrize("a,b", [(1, 5), (2, 4)])
+def test_weight_matches_definition(schedule, a, b):
+    t = RNG.uniform(0.001, 0.995, 64)
+    out = losses.loss_weight(jnp.asarray(t, jnp.float32), schedule=schedule, a=a, b=b)
+    np.testing.assert_allclose(out, ref_weight(t, schedule, a, b), rtol=3e-5)
+    assert np.isfinite(float(losses.loss_weight(jnp.float32(0.0), schedule=schedule, a=a, b=b)))
+
+
+def test_weight_table_from_spec():
+    t = jnp.array([0.006, 0.05, 0.1, 0.2, 0.5, 0.9, 0.994])
+    np.testing.assert_allclose(losses.loss_weight(t, schedule="fm", a=1, b=5),
+                               [0.907, 6.44, 7.89, 6.64, 3.97, 1.35, 1.02], rtol=5e-3)
+    np.testing.assert_allclose(losses.loss_weight(t, schedule="fm", a=2, b=4),
+                               [0.333, 2.76, 4.42, 4.55, 1.96, 0.136, 0.0061], rtol=5e-3)
+
+
+def test_gap_tables_from_spec():
+    t = jnp.array([0.05, 0.3, 0.5, 0.7, 0.9, 0.99])
+    s = jnp.zeros_like(t)
+    cifar = losses.mapping_r(s, t, schedule="fm", k=15, t_min=0.006, t_max=0.994)
+    imnet = losses.mapping_r(s, t, schedule="fm", k=12, t_min=0.0, t_max=0.994)
+    # float32 r carries ~6e-8 absolute error, so compare gaps with that slack.
+    np.testing.assert_allclose(t - cifar, [4.6e-3, 2.5e-3, 1.27e-3, 4.6e-4, 5.1e-5, 5.1e-7], rtol=2e-2, atol=1.2e-7)
+    np.testing.assert_allclose(t - imnet, [3.8e-2, 2.0e-2, 1.03e-2, 3.7e-3, 4.1e-4, 4.0e-6], rtol=2e-2, atol=1.2e-7)
+    assert losses.mapping_delta(schedule="fm", k=15, t_min=0.006, t_max=0.994) == pytest.approx(5.056e-3, rel=1e-3)
+    assert losses.mapping_delta(schedule="fm", k=12, t_min=0.0, t_max=0.994) == pytest.approx(4.045e-2, rel=1e-3)
+
+
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+def test_eta_mapping_matches_numpy(schedule):
+    t_max = 0.994 if schedule == "fm" else 0.996
+    t = RNG.uniform(0.05, 0.95, 64)
+    s = t * RNG.uniform(0, 1, 64)
+    delta = losses.mapping_delta(schedule=schedule, k=10, t_min=0.0, t_max=t_max)
+    e = interpolants.eta(t, schedule) - delta
+    ref = np.where(e < 0, s, np.maximum(s, interpolants.t_from_eta(np.maximum(e, 0), schedule)))
+    out = losses.mapping_r(jnp.asarray(s, jnp.float32), jnp.asarray(t, jnp.float32), schedule=schedule, k=10,
+                           t_min=0.0, t_max=t_max)
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", ["eta", "t", "logsnr", "inv_eta"])
+@pytest.mark.parametrize("min_gap", [0.0, 1e-2])
+def test_mapping_bounds_and_base_case(kind, min_gap):
+    t = jnp.asarray(RNG.uniform(0.006, 0.994, 256), jnp.float32)
+    s = jnp.asarray(0.006 + RNG.uniform(0, 1, 256) * (np.asarray(t) - 0.006), jnp.float32)
+    r = losses.mapping_r(s, t, schedule="fm", k=8, t_min=0.006, t_max=0.994, min_gap=min_gap, kind=kind)
+    assert np.all(np.asarray(r) >= np.asarray(s)) and np.all(np.asarray(r) <= np.asarray(t))
+    assert np.any(np.asarray(r) < np.asarray(t))
+    if min_gap:
+        assert np.all((np.asarray(t - r) >= min_gap * 0.999) | (np.asarray(r) == np.asarray(s)))
+
+
+def test_base_case_survives():
+    # ImageNet k = 12: eta_t < delta for t < 0.0389, so r = s there.
+    t = jnp.array([0.01, 0.03, 0.038, 0.04, 0.1])
+    s = jnp.array([0.005, 0.001, 0.02, 0.0, 0.0])
+    r = losses.mapping_r(s, t, schedule="fm", k=12, t_min=0.0, t_max=0.994)
+    np.testing.assert_array_equal(np.asarray(r)[:3], np.asarray(s)[:3])
+    assert float(r[3]) > 0 and float(r[4]) > 0
+
+
+def test_ablation_mappings_step_sizes():
+    t = jnp.array([0.5])
+    s = jnp.array([0.0])
+    r_t = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.0, t_max=1.0, kind="t")
+    np.testing.assert_allclose(t - r_t, 1 / 16, rtol=1e-6)
+    r_l = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.001, t_max=0.994, kind="logsnr")
+    d_l = (float(interpolants.logsnr(0.001, "fm")) - float(interpolants.logsnr(0.994, "fm"))) / 16
+    np.testing.assert_allclose(interpolants.logsnr(r_l, "fm") - interpolants.logsnr(t, "fm"), d_l, rtol=1e-4)
+    r_i = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.005, t_max=0.994, kind="inv_eta")
+    d_i = (1 / float(interpolants.eta(0.005, "fm")) - 1 / float(interpolants.eta(0.994, "fm"))) / 16
+    np.testing.assert_allclose(1 / interpolants.eta(r_i, "fm") - 1 / interpolants.eta(t, "fm"), d_i, rtol=1e-4)
+    with pytest.raises(ValueError, match="t_min > 0"):
+        losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.0, t_max=0.994, kind="logsnr")
+
+
+def make(objective_kwargs=None, num_classes=0, dropout=0.0):
+    kw = dict(param=Parameterization(f_type="simple_edm"), t_min=0.006, t_max=0.994, particles=4, k=10)
+    kw.update(objective_kwargs or {})
+    if num_classes:
+        kw.setdefault("null_label", num_classes)
+    obj = IMMObjective(**kw)
+    net = TinyNet(num_classes=num_classes, dropout=dropout)
+    x = jnp.asarray(RNG.uniform(-1, 1, (8, 8, 8, 1)), jnp.float32)
+    labels = jnp.arange(8) % 3 if num_classes else None
+    params = net.init(jax.random.key(0), x, jnp.zeros(8), jnp.zeros(8), labels)["params"]
+    return obj, net, params, x, labels
+
+
+@pytest.mark.parametrize("f_type", ["simple_edm", "euler_fm", "identity"])
+def test_loss_finite_value_and_gradient(f_type):
+    obj, net, params, x, labels = make({"param": Parameterization(f_type=f_type)})
+    (loss, metrics), grads = jax.value_and_grad(
+        lambda p: losses.imm_loss(net, p, x, labels, jax.random.key(1), objective=obj), has_aux=True)(params)
+    assert np.isfinite(float(loss)) and float(loss) >= -1e-6
+    assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+    assert any(float(jnp.abs(g).max()) > 0 for g in jax.tree.leaves(grads))
+    for key in ("k_tt", "k_rr", "k_tr", "loss_t0", "gap_t_r", "base_case_frac"):
+        assert np.isfinite(float(metrics[key]))
+
+
+def test_loss_matches_manual_computation():
+    """Rebuild the loss step by step from the public pieces with an independent time draw."""
+    obj, net, params, x, _ = make()
+    key = jax.random.key(5)
+    loss, _ = losses.imm_loss(net, params, x, None, key, objective=obj)
+    k_time, k_eps, _, _, _ = jax.random.split(key, 5)
+    s, r, t = losses.sample_times(k_time, 2, obj)
+    eps = 0.5 * jax.random.normal(k_eps, x.shape)
+    rep = lambda v: jnp.repeat(v, 4)
+    p = obj.param
+    fn = losses.network_fn(net, params, train=True)
+    yt = p.apply(fn, interpolants.add_noise(x, eps, rep(t), "fm"), rep(s), rep(t))
+    yr = p.apply(fn, interpolants.add_noise(x, eps, rep(r), "fm"), rep(s), rep(r))
+    wk = 1 / np.abs(np.asarray(p.c_out(s, t)))
+    ref = np.mean(np.asarray(obj.weight(t)) *
+                  mmd.grouped_mmd(yt.reshape(2, 4, -1), yr.reshape(2, 4, -1), kernel_weight=wk))
+    np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_target_branch_contributes_no_gradient():
+    """Gradient equals that of the loss with y_r replaced by a constant."""
+    obj, net, params, x, _ = make()
+    key = jax.random.key(2)
+    g_full = jax.grad(lambda p: losses.imm_loss(net, p, x, None, key, objective=obj)[0])(params)
+
+    def loss_const_target(p):
+        k_time, k_eps, _, _, _ = jax.random.split(key, 5)
+        s, r, t = losses.sample_times(k_time, 2, obj)
+        eps = 0.5 * jax.random.normal(k_eps, x.shape)
+        rep = lambda v: jnp.repeat(v, 4)
+        yr = obj.param.apply(losses.network_fn(net, params, train=True),
+                             interpolants.add_noise(x, eps, rep(r), "fm"), rep(s), rep(r))
+        yt = obj.param.apply(losses.network_fn(net, p, train=True),
+                             interpolants.add_noise(x, eps, rep(t), "fm"), rep(s), rep(t))
+        per = mmd.grouped_mmd(yt.reshape(2, 4, -1), yr.reshape(2, 4, -1), kernel_weight=obj.kernel_weight(s, t))
+        return jnp.mean(obj.weight(t) * per)
+
+    g_ref = jax.grad(loss_const_target)(params)
+    for a, b in zip(jax.tree.leaves(g_full), jax.tree.leaves(g_ref)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_base_case_target_is_exact_interpolant():
+    """With r = s everywhere (k small), f_{s,r}(x_r) = f_{s,s}(x_s) = x_s = alpha_s x + sigma_s eps."""
+    obj = IMMObjective(param=Parameterization(), t_min=0.006, t_max=0.994, particles=4, k=0)
+    t = jnp.asarray(RNG.uniform(0.006, 0.994, 64), jnp.float32)
+    s = 0.006 + jnp.asarray(RNG.uniform(0, 1, 64), jnp.float32) * (t - 0.006)
+    np.testing.assert_array_equal(obj.r(s, t), s)  # delta = eta_max - eta_min > eta_t: base case
+    x = jnp.asarray(RNG.normal(size=(64, 2, 2, 1)), jnp.float32)
+    eps = 0.5 * jnp.asarray(RNG.normal(size=(64, 2, 2, 1)), jnp.float32)
+    x_s = interpolants.add_noise(x, eps, s, "fm")
+    junk = lambda x_in, t_in, s_in, labels: jnp.full_like(x_in, 7.0)
+    np.testing.assert_allclose(obj.param.apply(junk, x_s, s, obj.r(s, t)), x_s, rtol=1e-6)
+
+
+def test_fused_equals_two_pass_without_dropout():
+    obj, net, params, x, labels = make(num_classes=3)
+    fused = IMMObjective(**{**obj.__dict__, "fused": True})
+    key = jax.random.key(4)
+    l1, g1 = jax.value_and_grad(lambda p: losses.imm_loss(net, p, x, labels, key, objective=obj)[0])(params)
+    l2, g2 = jax.value_and_grad(lambda p: losses.imm_loss(net, p, x, labels, key, objective=fused)[0])(params)
+    np.testing.assert_allclose(l1, l2, rtol=1e-5)
+    for a, b in zip(jax.tree.leaves(g1), jax.tree.leaves(g2)):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-7)
+
+
+def test_label_dropout_is_shared_by_both_passes():
+    seen = []
+
+    class Spy(TinyNet):
+        def __call__(self, x, t_in, s_in, labels=None, train=False):
+            jax.debug.callback(lambda l: seen.append(np.asarray(l)), labels)
+            return super().__call__(x, t_in, s_in, labels, train)
+
+    obj, _, _, x, labels = make({"label_dropout": 0.5}, num_classes=3)
+    net = Spy(num_classes=3)
+    params = net.init(jax.random.key(0), x, jnp.zeros(8), jnp.zeros(8), labels)["params"]
+    seen.clear()
+    losses.imm_loss(net, params, x, labels, jax.random.key(9), objective=obj)
+    assert len(seen) == 2
+    np.testing.assert_array_equal(seen[0], seen[1])
+    assert np.any(seen[0] == 3) and np.any(seen[0] != 3)
+
+
+def test_dropout_keys_choice():
+    obj_ind, net, params, x, _ = make(dropout=0.5)
+    obj_sh = IMMObjective(**{**obj_ind.__dict__, "dropout_keys": "shared"})
+    # With r forced to t (k huge is not allowed to hit r = t exactly), compare the two passes' masks indirectly:
+    # "shared" must give a different loss from "independent" under heavy dropout, and be deterministic.
+    key = jax.random.key(3)
+    l_ind = float(losses.imm_loss(net, params, x, None, key, objective=obj_ind)[0])
+    l_sh = float(losses.imm_loss(net, params, x, None, key, objective=obj_sh)[0])
+    assert l_ind != l_sh
+    assert l_sh == float(losses.imm_loss(net, params, x, None, key, objective=obj_sh)[0])
+    with pytest.raises(ValueError, match="fused"):
+        IMMObjective(**{**obj_ind.__dict__, "dropout_keys": "shared", "fused": True})
+
+
+def test_objective_validation():
+    with pytest.raises(ValueError, match="not divisible"):
+        obj, net, params, x, _ = make({"particles": 3})
+        losses.imm_loss(net, params, x, None, jax.random.key(0), objective=obj)
+    with pytest.raises(ValueError, match="class-conditional"):
+        IMMObjective(label_dropout=0.1)
+    with pytest.raises(ValueError, match="Unknown mapping"):
+        IMMObjective(mapping="lambda")

@@ -1,0 +1,95 @@
+"""Time grids and the pushforward / restart samplers."""
+import numpy as np
+import pytest
+import jax
+import jax.numpy as jnp
+
+from imm_jax import interpolants, sampling
+from imm_jax.losses import IMMObjective, network_fn
+from imm_jax.parameterization import Parameterization
+from tiny_net import TinyNet
+
+
+def test_grids_match_spec():
+    kw = dict(schedule="fm", t_max=0.994)
+    np.testing.assert_allclose(sampling.time_grid("uniform", 8, t_min=0.0, **kw),
+                               [0.994, 0.86975, 0.7455, 0.62125, 0.497, 0.37275, 0.2485, 0.12425, 0], atol=1e-12)
+    np.testing.assert_allclose(sampling.time_grid("edm", 8, t_min=0.0, **kw),
+                               [0.994, 0.98486, 0.95674, 0.86056, 0.56413, 0.14731, 0.01001, 7.9e-5, 0],
+                               rtol=1e-3, atol=1e-6)
+    np.testing.assert_allclose(sampling.time_grid("edm", 2, t_min=0.0, **kw), [0.994, 0.564132, 0], atol=1e-6)
+    np.testing.assert_allclose(sampling.time_grid("edm", 4, t_min=0.0, **kw),
+                               [0.994, 0.956736, 0.564132, 0.01001, 0], atol=1e-6)
+    np.testing.assert_allclose(sampling.time_grid("etas", 2, t_min=0.006, mid_etas=[1.4], **kw),
+                               [0.994, 0.583333, 0.006], atol=1e-6)
+    np.testing.assert_allclose(sampling.time_grid("uniform", 1, t_min=0.006, **kw), [0.994, 0.006])
+    for n in (1, 2, 4, 8):
+        g = sampling.time_grid("edm", n, t_min=0.006, **kw)
+        assert g.dtype == np.float64 and g[0] == 0.994 and g[-1] == 0.006 and len(g) == n + 1
+
+
+def test_grid_errors():
+    with pytest.raises(ValueError, match="mid-point etas"):
+        sampling.time_grid("etas", 3, schedule="fm", t_min=0.006, t_max=0.994, mid_etas=[1.4])
+    with pytest.raises(ValueError, match="Unknown grid"):
+        sampling.time_grid("karras", 2, schedule="fm", t_min=0.0, t_max=0.994)
+
+
+def setup(num_classes=0):
+    net = TinyNet(num_classes=num_classes)
+    x = jnp.zeros((4, 8, 8, 1))
+    labels = jnp.arange(4) % 2 if num_classes else None
+    params = net.init(jax.random.key(0), x, jnp.zeros(4), jnp.zeros(4), labels)["params"]
+    # Non-trivial weights so the output depends on time and labels.
+    params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.key(1), p.shape), params)
+    obj = IMMObjective(param=Parameterization(), null_label=num_classes or None)
+    return net, params, obj, labels
+
+
+def test_one_step_pushforward_is_one_call():
+    net, params, obj, _ = setup()
+    grid = sampling.time_grid("uniform", 1, schedule="fm", t_min=0.006, t_max=0.994)
+    noise = interpolants.prior_noise(jax.random.key(3), (4, 8, 8, 1))
+    out = sampling.generate(net, params, jax.random.key(0), (4, 8, 8, 1), objective=obj, grid=grid, noise=noise)
+    direct = obj.param.apply(network_fn(net, params, train=False), noise, jnp.full(4, 0.006), jnp.full(4, 0.994))
+    np.testing.assert_allclose(out, direct, rtol=1e-6, atol=1e-6)
+
+
+def test_multistep_pushforward_composes_maps():
+    net, params, obj, labels = setup(num_classes=2)
+    grid = sampling.time_grid("edm", 3, schedule="fm", t_min=0.006, t_max=0.994)
+    noise = interpolants.prior_noise(jax.random.key(3), (4, 8, 8, 1))
+    out = sampling.generate(net, params, jax.random.key(0), (4, 8, 8, 1), objective=obj, grid=grid,
+                            labels=labels, cfg_scale=1.5, noise=noise)
+    fn = network_fn(net, params, train=False)
+    x = noise
+    for t_cur, t_next in zip(grid[:-1], grid[1:]):
+        x = obj.param.apply(fn, x, jnp.full(4, t_next, jnp.float32), jnp.full(4, t_cur, jnp.float32), labels,
+                            cfg_scale=1.5, null_label=2)
+    np.testing.assert_allclose(out, x, rtol=1e-5, atol=1e-5)
+    assert out.dtype == jnp.float32
+
+
+def test_restart_sampler_matches_loop():
+    net, params, obj, _ = setup()
+    grid = sampling.time_grid("uniform", 3, schedule="fm", t_min=0.006, t_max=0.994)
+    key = jax.random.key(7)
+    out = sampling.generate(net, params, key, (4, 8, 8, 1), objective=obj, grid=grid, sampler="restart")
+    k_noise, k_restart = jax.random.split(key)
+    x = interpolants.prior_noise(k_noise, (4, 8, 8, 1))
+    keys = jax.random.split(k_restart, 3)
+    fn = network_fn(net, params, train=False)
+    g32 = grid.astype(np.float32)
+    for i in range(3):
+        clean = obj.param.apply(fn, x, jnp.full(4, g32[-1]), jnp.full(4, g32[i]))
+        x = interpolants.add_noise(clean, interpolants.prior_noise(keys[i], x.shape), jnp.full(4, g32[i + 1]), "fm")
+    np.testing.assert_allclose(out, clean, rtol=1e-5, atol=1e-5)
+
+
+def test_same_key_same_samples():
+    net, params, obj, _ = setup()
+    grid = sampling.time_grid("uniform", 2, schedule="fm", t_min=0.006, t_max=0.994)
+    run = jax.jit(lambda k: sampling.generate(net, params, k, (4, 8, 8, 1), objective=obj, grid=grid))
+    a, b, c = run(jax.random.key(1)), run(jax.random.key(1)), run(jax.random.key(2))
+    np.testing.assert_array_equal(a, b)
+    assert not np.allclose(a, c)
