@@ -1,0 +1,114 @@
+"""Start-up validation of a training config. Every error says what is wrong and what to change."""
+from __future__ import annotations
+
+from imm_jax.optim import OPTIMIZERS
+from imm_jax.input_pipeline import SOURCES
+
+REQUIRED = {
+    "": ("seed", "model", "imm", "data", "optim", "train", "mesh", "sample"),
+    "model": ("name", "num_classes", "image_size", "in_channels", "dtype"),
+    "imm": ("schedule", "f_type", "sigma_d", "temb", "time_scale", "t_min", "t_max", "particles", "k",
+            "min_gap", "mapping", "a", "b", "kernel", "label_dropout"),
+    "data": ("source", "batch_size"),
+    "optim": ("name", "lr", "b1", "b2", "eps", "weight_decay", "warmup_steps", "grad_clip"),
+    "train": ("num_steps", "log_every", "ckpt_every", "keep_checkpoints", "sample_every", "ema_decays"),
+    "mesh": ("data", "fsdp"),
+    "sample": ("steps", "cfg_scale"),
+}
+KNOWN_TOP = set(REQUIRED[""])
+
+
+class ConfigError(ValueError):
+    """A config value that cannot work; the message names the field and the fix."""
+
+
+def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
+    """Checks `config` for a run on `num_devices` global devices; raises ConfigError listing every problem."""
+    errors: list[str] = []
+    for top in config.keys():
+        if top not in KNOWN_TOP:
+            errors.append(f"unknown top-level config field {top!r}; known: {sorted(KNOWN_TOP)}.")
+    for section, names in REQUIRED.items():
+        node = config if not section else config.get(section, None)
+        if node is None:
+            errors.append(f"config.{section} is missing.")
+            continue
+        for n in names:
+            if n not in node:
+                errors.append(f"config.{section + '.' if section else ''}{n} is missing.")
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+    m, imm, d, o, t = config.model, config.imm, config.data, config.optim, config.train
+    if m.name not in ("unet", "dit"):
+        errors.append(f"config.model.name={m.name!r}: use 'unet' or 'dit'.")
+    if m.dtype not in ("float32", "bfloat16", "float16"):
+        errors.append(f"config.model.dtype={m.dtype!r}: use float32, bfloat16 or float16.")
+    if imm.schedule not in ("fm", "cosine"):
+        errors.append(f"config.imm.schedule={imm.schedule!r}: use 'fm' (OT-FM) or 'cosine'.")
+    if imm.f_type not in ("identity", "simple_edm", "euler_fm"):
+        errors.append(f"config.imm.f_type={imm.f_type!r}: use identity, simple_edm or euler_fm.")
+    if imm.f_type == "euler_fm" and imm.schedule != "fm":
+        errors.append("config.imm.f_type='euler_fm' requires config.imm.schedule='fm' (Euler-FM is defined for "
+                      "OT-FM only); set --config.imm.schedule=fm or use f_type=simple_edm.")
+    if imm.temb not in ("s", "stride"):
+        errors.append(f"config.imm.temb={imm.temb!r}: use 's' (second input s) or 'stride' (t - s).")
+    if imm.kernel not in ("laplace", "rbf"):
+        errors.append(f"config.imm.kernel={imm.kernel!r}: use 'laplace' or 'rbf'.")
+    if not (0.0 <= imm.t_min < imm.t_max <= 1.0):
+        errors.append(f"config.imm needs 0 <= t_min < t_max <= 1 (got t_min={imm.t_min}, t_max={imm.t_max}).")
+    if imm.schedule == "cosine" and imm.t_max >= 1.0:
+        errors.append("config.imm.t_max must be < 1 for the cosine schedule (eta is infinite at t=1); the paper uses 0.996.")
+    if not (0.0 <= imm.label_dropout < 1.0):
+        errors.append(f"config.imm.label_dropout={imm.label_dropout} must be in [0, 1).")
+    if imm.label_dropout > 0 and m.num_classes == 0:
+        errors.append("config.imm.label_dropout > 0 needs a class-conditional model (config.model.num_classes > 0).")
+    if config.sample.cfg_scale not in (None,) and float(config.sample.cfg_scale) != 1.0 and m.num_classes == 0:
+        errors.append("config.sample.cfg_scale != 1 needs a class-conditional model; set --config.sample.cfg_scale=1.")
+    if m.dtype != "float32" and imm.min_gap <= 0:
+        errors.append(f"config.model.dtype={m.dtype} trains t and r that low precision cannot tell apart; set "
+                      "--config.imm.min_gap=1e-4 (and preferably temb='stride', a=2) as in the paper (spec §10).")
+
+    M = int(imm.particles)
+    B = int(d.batch_size)
+    if M < 1:
+        errors.append(f"config.imm.particles={M} must be >= 1 (the paper uses 4).")
+    if B < 1:
+        errors.append(f"config.data.batch_size={B} must be >= 1.")
+    if M >= 1 and B % M:
+        errors.append(f"config.data.batch_size={B} is not divisible by config.imm.particles={M}; use a multiple "
+                      f"of {M}, e.g. {max(M, B - B % M)}.")
+    if num_devices and B % num_devices:
+        errors.append(f"config.data.batch_size={B} is not divisible by the {num_devices} data-parallel devices; "
+                      f"use a multiple of {num_devices}.")
+    elif num_devices and M >= 1 and (B // num_devices) % M:
+        errors.append(f"each device would hold {B // num_devices} examples, not a whole number of particle groups "
+                      f"of M={M} (groups must not straddle devices); make batch_size a multiple of "
+                      f"{M * num_devices} (= particles * devices).")
+    if num_processes > 1 and B % num_processes:
+        errors.append(f"config.data.batch_size={B} is not divisible by the {num_processes} processes.")
+    if d.source not in SOURCES:
+        errors.append(f"config.data.source={d.source!r}: use one of {SOURCES}.")
+    if d.source == "tfds" and not d.get("name", None):
+        errors.append("config.data.source='tfds' needs config.data.name (e.g. 'cifar10').")
+    if o.name not in OPTIMIZERS:
+        errors.append(f"config.optim.name={o.name!r}: use one of {OPTIMIZERS}.")
+    if o.lr <= 0:
+        errors.append(f"config.optim.lr={o.lr} must be > 0.")
+    decays = tuple(t.ema_decays)
+    if not decays:
+        errors.append("config.train.ema_decays is empty; give at least one decay, e.g. (0.9999,).")
+    for dcy in decays:
+        if not (0.0 <= float(dcy) < 1.0):
+            errors.append(f"config.train.ema_decays contains {dcy}; decays must be in [0, 1).")
+    if len(set(decays)) != len(decays):
+        errors.append(f"config.train.ema_decays={decays} has duplicates.")
+    for n in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
+        if int(t[n]) < 1:
+            errors.append(f"config.train.{n}={t[n]} must be >= 1.")
+    for n in ("steps",):
+        for s in tuple(config.sample[n]):
+            if int(s) < 1:
+                errors.append(f"config.sample.steps contains {s}; each must be >= 1.")
+    if errors:
+        raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))

@@ -1,0 +1,488 @@
+"""Training: `train_and_evaluate(config, workdir)`: mesh -> data -> state -> jitted step -> loop.
+
+The step is one `jax.jit` over a Mesh("data", "fsdp") with donated state, compiled once (a retrace raises).
+Per-step randomness is `fold_in(state.rng, step)`, the data pipeline is a pure function of the step, and all
+state lives in the checkpoint, so a resumed run reproduces the uninterrupted one bit for bit (CPU).
+
+Outputs in `workdir`: config.json (resolved config), metrics.jsonl, events.out.tfevents.* (TensorBoard
+scalars, written without TensorFlow), samples/*.png (1/2/4-step grids from fixed noise), checkpoints/.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import logging
+import math
+import os
+import signal
+import struct
+import threading
+import time
+from typing import Any, Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from imm_jax import checkpointing
+from imm_jax import config_validation
+from imm_jax import input_pipeline
+from imm_jax import optim
+from imm_jax import sharding as sharding_lib
+from imm_jax import train_state as ts
+
+
+# ----------------------------------------------------------------------------- model and loss
+
+def build_network(config):
+    """The Linen network for config.model (networks contract: apply(x, t_in, s_in, labels, train=...))."""
+    from imm_jax import networks
+    return networks.build(config.model)
+
+
+def build_objective(config):
+    from imm_jax import losses
+    return losses.IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
+
+
+def make_loss_fn(config, net, objective) -> Callable:
+    """loss_fn(params, batch, key) -> (scalar loss, metrics dict); batch = dict(image, label)."""
+    from imm_jax import losses
+    conditional = int(config.model.num_classes) > 0
+
+    def loss_fn(params, batch, key):
+        labels = batch["label"] if conditional else None
+        return losses.imm_loss(net, params, batch["image"], labels, key, objective=objective, train=True)
+    return loss_fn
+
+
+def init_params(net, config, key):
+    """Network parameters for a (1, H, W, C) input."""
+    m = config.model
+    x = jnp.zeros((1, int(m.image_size), int(m.image_size), int(m.in_channels)), jnp.float32)
+    t = jnp.full((1,), 0.5, jnp.float32)
+    labels = jnp.zeros((1,), jnp.int32) if int(m.num_classes) > 0 else None
+    k1, k2 = jax.random.split(key)
+    return net.init({"params": k1, "dropout": k2}, x, t, t, labels, train=False)["params"]
+
+
+# ----------------------------------------------------------------------------- step
+
+class RetraceError(RuntimeError):
+    pass
+
+
+def make_train_step(loss_fn, tx, schedule, ema_decays: Sequence[float]):
+    """(state, batch) -> (state, metrics). Raises RetraceError if traced more than once."""
+    traces = [0]
+    decays = tuple(float(d) for d in ema_decays)
+
+    def step_fn(state: ts.TrainState, batch):
+        traces[0] += 1
+        if traces[0] > 1:
+            raise RetraceError("The train step is being traced a second time (shapes, dtypes or shardings of the "
+                               "state or batch changed); this would recompile every step.")
+        key = jax.random.fold_in(state.rng, state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        grad_norm = optax.global_norm(grads)
+        updates, opt_state = tx.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                                  ema=ts.ema_update(state.ema, params, decays))
+        metrics = {k: jnp.asarray(v, jnp.float32) for k, v in dict(aux).items()}
+        metrics.update(loss=loss.astype(jnp.float32), grad_norm=grad_norm.astype(jnp.float32),
+                       lr=jnp.asarray(schedule(state.step), jnp.float32))
+        return new_state, metrics
+
+    step_fn.traces = traces
+    return step_fn
+
+
+class Trainer:
+    """Everything built from a config: mesh, network, loss, optimizer, sharded state init and jitted step."""
+
+    def __init__(self, config, mesh=None):
+        self.config = config
+        self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
+        self.net = build_network(config)
+        self.objective = build_objective(config)
+        self.loss_fn = make_loss_fn(config, self.net, self.objective)
+        self.tx, self.schedule = optim.make_optimizer(config.optim)
+        self.ema_decays = tuple(float(d) for d in config.train.ema_decays)
+        net, tx, decays = self.net, self.tx, self.ema_decays
+
+        def init_state(seed):
+            key = jax.random.PRNGKey(seed)
+            k_params, k_train = jax.random.split(key)
+            return ts.create(init_params(net, config, k_params), tx, decays, k_train)
+
+        self._init_state = init_state
+        self.abstract_state = jax.eval_shape(init_state, 0)
+        self.state_shardings = sharding_lib.state_shardings(self.abstract_state, self.mesh)
+        self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
+        self.step_fn = make_train_step(self.loss_fn, tx, self.schedule, decays)
+        self.train_step = jax.jit(
+            self.step_fn, in_shardings=(self.state_shardings, self.batch_sharding),
+            out_shardings=(self.state_shardings, sharding_lib.replicated(self.mesh)), donate_argnums=(0,))
+
+    def init(self) -> ts.TrainState:
+        """Parameters created directly with their shardings (never materialised whole on one device)."""
+        return jax.jit(self._init_state, static_argnums=0, out_shardings=self.state_shardings)(int(self.config.seed))
+
+    def abstract_checkpoint_items(self):
+        """(abstract state item, abstract EMA item) with shardings, for orbax restore."""
+        with_sh = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                               self.abstract_state, self.state_shardings)
+        return with_sh.split_for_checkpoint()
+
+
+# ----------------------------------------------------------------------------- metric writers
+
+def _crc32c_table():
+    table = []
+    for i in range(256):
+        c = i
+        for _ in range(8):
+            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
+        table.append(c)
+    return table
+
+
+_CRC_TABLE = _crc32c_table()
+
+
+def _masked_crc32c(data: bytes) -> int:
+    crc = 0xFFFFFFFF
+    for b in data:
+        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
+    crc ^= 0xFFFFFFFF
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
+def _varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b = n & 0x7F
+        n >>= 7
+        if n:
+            out.append(b | 0x80)
+        else:
+            out.append(b)
+            return bytes(out)
+
+
+def _field(num: int, wire: int, payload: bytes) -> bytes:
+    return _varint((num << 3) | wire) + payload
+
+
+def _len_field(num: int, payload: bytes) -> bytes:
+    return _field(num, 2, _varint(len(payload)) + payload)
+
+
+class TensorBoardWriter:
+    """Scalar summaries in TensorBoard's event-file format (TFRecord of Event protos), no TensorFlow needed."""
+
+    def __init__(self, logdir: str):
+        os.makedirs(logdir, exist_ok=True)
+        name = f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}.imm_jax"
+        self._f = open(os.path.join(logdir, name), "ab")
+        self._write_event(_field(1, 1, struct.pack("<d", time.time())) + _len_field(3, b"brain.Event:2"))
+
+    def _write_event(self, event: bytes):
+        header = struct.pack("<Q", len(event))
+        self._f.write(header + struct.pack("<I", _masked_crc32c(header)) + event
+                      + struct.pack("<I", _masked_crc32c(event)))
+
+    def scalars(self, step: int, values: dict[str, float]):
+        summary = b"".join(
+            _len_field(1, _len_field(1, k.encode()) + _field(2, 5, struct.pack("<f", float(v))))
+            for k, v in values.items())
+        self._write_event(_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(int(step)))
+                          + _len_field(5, summary))
+        self._f.flush()
+
+    def close(self):
+        self._f.close()
+
+
+class MetricWriter:
+    """JSON lines + TensorBoard on process 0; no-op elsewhere."""
+
+    def __init__(self, workdir: str, enabled: bool):
+        self.enabled = enabled
+        if enabled:
+            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            self._tb = TensorBoardWriter(workdir)
+
+    def write(self, step: int, metrics: dict[str, float]):
+        if not self.enabled:
+            return
+        self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
+        self._jsonl.flush()
+        self._tb.scalars(step, metrics)
+
+    def close(self):
+        if self.enabled:
+            self._jsonl.close()
+            self._tb.close()
+
+
+# ----------------------------------------------------------------------------- sample grids
+
+def to_uint8_grid(images: np.ndarray, ncol: int) -> np.ndarray:
+    """(N, H, W, C) in [-1, 1] -> one (rows*H, ncol*W, C) uint8 image, 1-pixel dark border between tiles."""
+    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
+    n, h, w, c = x.shape
+    nrow = math.ceil(n / ncol)
+    grid = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), np.uint8)
+    for i in range(n):
+        r, q = divmod(i, ncol)
+        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
+    return grid
+
+
+def save_png(path: str, grid: np.ndarray):
+    from PIL import Image
+    img = grid[..., 0] if grid.shape[-1] == 1 else grid
+    Image.fromarray(img).save(path)
+
+
+class GridSampler:
+    """Few-step samples from fixed noise and labels, one jit per step count (compiled once, reused)."""
+
+    def __init__(self, config, net, objective, num_samples: int | None = None):
+        from imm_jax import sampling
+        self.config = config
+        m, imm, smp = config.model, config.imm, config.sample
+        self.num_classes = int(m.num_classes)
+        n = int(num_samples or smp.get("grid_size", 64))
+        self.shape = (n, int(m.image_size), int(m.image_size), int(m.in_channels))
+        self.labels = (jnp.arange(n, dtype=jnp.int32) % self.num_classes) if self.num_classes else None
+        self.key = jax.random.PRNGKey(int(smp.get("seed", 42)))
+        cfg_scale = float(smp.cfg_scale) if self.num_classes else None
+        self.fns = {}
+        for steps in tuple(smp.steps):
+            grid = sampling.time_grid(smp.grid, int(steps), schedule=imm.schedule, t_min=float(imm.t_min),
+                                      t_max=float(imm.t_max), mid_etas=_mid_etas(smp, int(steps)))
+            self.fns[int(steps)] = jax.jit(functools.partial(
+                sampling.generate, net, shape=self.shape, objective=objective, grid=grid,
+                cfg_scale=cfg_scale, sampler=smp.get("sampler", "pushforward")))
+
+    def __call__(self, params) -> dict[int, np.ndarray]:
+        return {steps: np.asarray(jax.device_get(fn(params, self.key, labels=self.labels)))
+                for steps, fn in self.fns.items()}
+
+
+def _mid_etas(sample_config, steps: int):
+    """config.sample.mid_etas.s<N> = (eta_1, ..., eta_{N-1}) for the "etas" grid with N steps, else None."""
+    table = sample_config.get("mid_etas", None)
+    if table is None:
+        return None
+    table = table.to_dict() if hasattr(table, "to_dict") else dict(table)
+    v = table.get(f"s{steps}", None)
+    return None if v is None else tuple(float(e) for e in v)
+
+
+# ----------------------------------------------------------------------------- loop
+
+class _Preemption:
+    """Sets a flag on SIGTERM (main thread only); the loop checkpoints and exits cleanly."""
+
+    def __init__(self):
+        self.flag = False
+        self._old = None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._old = signal.signal(signal.SIGTERM, self._handler)
+        return self
+
+    def _handler(self, signum, frame):
+        logging.warning("SIGTERM received: saving a checkpoint after the current step, then exiting.")
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self._old is not None:
+            signal.signal(signal.SIGTERM, self._old)
+
+
+def _fmt_time(s: float) -> str:
+    if not math.isfinite(s):
+        return "?"
+    s = int(s)
+    return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
+
+
+def write_config(config, workdir: str):
+    with open(os.path.join(workdir, "config.json"), "w") as f:
+        f.write(config.to_json_best_effort(indent=2, sort_keys=True))
+
+
+def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), mesh=None) -> dict[str, Any]:
+    """Trains per `config`, resuming from the latest checkpoint in `workdir/checkpoints` if there is one.
+
+    hooks: callables hook(step, state, metrics) run after every step (step = updates done so far).
+    Returns a summary dict: final_step, preempted, last_metrics.
+    """
+    is_host0 = jax.process_index() == 0
+    config_validation.validate(config, num_devices=jax.device_count(), num_processes=jax.process_count())
+    os.makedirs(workdir, exist_ok=True)
+    if is_host0:
+        write_config(config, workdir)
+
+    trainer = Trainer(config, mesh=mesh)
+    pipeline = input_pipeline.Pipeline(config, trainer.mesh)
+    tcfg = config.train
+    ckpt = checkpointing.Checkpointer(os.path.join(workdir, "checkpoints"),
+                                      max_to_keep=int(tcfg.keep_checkpoints),
+                                      async_save=bool(tcfg.get("async_checkpoints", True)))
+    abstract_main, abstract_ema = trainer.abstract_checkpoint_items()
+    restored = ckpt.restore(abstract_main, abstract_ema)
+    if restored is None:
+        state = trainer.init()
+        start = 0
+    else:
+        start, main_item, ema_item, data_pos = restored
+        state = ts.TrainState.join_from_checkpoint(main_item, ema_item)
+        if int(data_pos.get("step", start)) != start or int(data_pos.get("batch_size", pipeline.batch_size)) != pipeline.batch_size:
+            raise ValueError(f"Checkpoint step {start} has data position {data_pos}, which does not match this run "
+                             f"(batch_size={pipeline.batch_size}); resume with the config the run was started with.")
+        logging.info("Resumed from checkpoint at step %d.", start)
+        if is_host0:
+            print(f"Resumed from {ckpt.directory}/{start}", flush=True)
+
+    num_steps = int(tcfg.num_steps)
+    log_every, ckpt_every = int(tcfg.log_every), int(tcfg.ckpt_every)
+    sample_every = int(tcfg.get("sample_every", 0) or 0)
+    writer = MetricWriter(workdir, is_host0)
+    sampler = None
+    sample_ema_index = _sample_ema_index(config)
+    n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
+    if is_host0:
+        print(f"imm_jax: {config.model.name} with {n_params / 1e6:.2f}M params | mesh {dict(trainer.mesh.shape)} | "
+              f"{jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} process(es) | "
+              f"batch {pipeline.batch_size} | steps {start} -> {num_steps}", flush=True)
+
+    pending: list[tuple[int, dict]] = []
+    last_checked = start
+    last_metrics: dict[str, float] = {}
+    timer = {"t0": None, "s0": None}
+    preempted = False
+
+    def flush(current_step: int):
+        """Fetch pending per-step metrics; stop on NaN/Inf; log the last one."""
+        nonlocal pending, last_checked, last_metrics
+        if not pending:
+            return
+        fetched = jax.device_get([m for _, m in pending])
+        steps = [s for s, _ in pending]
+        pending = []
+        for s, m in zip(steps, fetched):
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                good = ckpt.all_steps()
+                raise FloatingPointError(
+                    f"Non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}) at step {s} "
+                    f"(first bad step in window ({last_checked}, {current_step}]). Nothing after step "
+                    f"{last_checked} was checkpointed; last good checkpoint: "
+                    f"{(ckpt.directory + '/' + str(good[-1])) if good else 'none'}. Lower config.optim.lr, "
+                    "set config.optim.grad_clip, or check the data.")
+        last_checked = current_step
+        if log_every == 1:
+            for s, m in zip(steps, fetched):
+                writer.write(s, m)
+        else:
+            writer.write(steps[-1], fetched[-1])
+        last_metrics = {k: float(v) for k, v in fetched[-1].items()}
+
+    def progress(step: int):
+        now = time.time()
+        if timer["t0"] is None or step <= timer["s0"]:
+            ips, eta = float("nan"), float("nan")
+        else:
+            rate = (step - timer["s0"]) / (now - timer["t0"])
+            ips, eta = rate * pipeline.batch_size, (num_steps - step) / rate
+        m = last_metrics
+        if is_host0:
+            print(f"step {step}/{num_steps} | loss {m.get('loss', float('nan')):.5f} | grad_norm "
+                  f"{m.get('grad_norm', float('nan')):.4f} | lr {m.get('lr', float('nan')):.3g} | "
+                  f"{ips:.1f} img/s | ETA {_fmt_time(eta)}", flush=True)
+
+    def save(step: int, st):
+        flush(step)
+        main_item, ema_item = st.split_for_checkpoint()
+        ckpt.save(step, main_item, ema_item, config, input_pipeline.data_position(pipeline, step))
+
+    def sample(step: int, st):
+        nonlocal sampler
+        if not is_host0 and jax.process_count() == 1:
+            return
+        if config.data.source == "latents":
+            return  # decoding needs the VAE; evaluation handles latent-space models
+        if sampler is None:
+            sampler = GridSampler(config, trainer.net, trainer.objective)
+        outs = sampler(st.ema[sample_ema_index])
+        if is_host0:
+            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
+            ncol = int(math.ceil(math.sqrt(sampler.shape[0])))
+            for n_steps, imgs in outs.items():
+                save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
+                         to_uint8_grid(imgs, ncol))
+
+    step = start
+    try:
+        with _Preemption() as preempt:
+            if start < num_steps:
+                batches = pipeline.iterate(start, prefetch=int(config.data.get("prefetch", 2)))
+                for data_step, batch in batches:
+                    assert data_step == step
+                    state, metrics = trainer.train_step(state, batch)
+                    step += 1
+                    pending.append((step, metrics))
+                    for h in hooks:
+                        h(step, state, metrics)
+                    if step == start + 1:
+                        jax.block_until_ready(metrics)
+                        timer["t0"], timer["s0"] = time.time(), step  # rate excludes compilation
+                    stop_now = preempt.flag or _any_host_preempted(ckpt, step)
+                    if step % log_every == 0 or step == num_steps or stop_now:
+                        flush(step)
+                        progress(step)
+                    if step % ckpt_every == 0 or step == num_steps or stop_now:
+                        save(step, state)
+                    if sample_every and (step % sample_every == 0 or step == num_steps):
+                        flush(step)
+                        sample(step, state)
+                    if stop_now:
+                        preempted = True
+                        break
+                    if step >= num_steps:
+                        break
+                batches.close()
+            flush(step)
+    finally:
+        ckpt.close()
+        writer.close()
+    if is_host0:
+        print(("Preempted: checkpoint written at step %d" if preempted else "Done at step %d") % step, flush=True)
+    return {"final_step": step, "preempted": preempted, "last_metrics": last_metrics, "state": state}
+
+
+def _any_host_preempted(ckpt: checkpointing.Checkpointer, step: int) -> bool:
+    if jax.process_count() == 1:
+        return False
+    try:
+        return bool(ckpt.manager.reached_preemption(step))
+    except Exception:  # noqa: BLE001 - preemption service not available
+        return False
+
+
+def _sample_ema_index(config) -> int:
+    decays = [float(d) for d in config.train.ema_decays]
+    want = config.train.get("sample_ema", None)
+    if want is None:
+        return int(np.argmin(decays))  # the fastest EMA: meaningful early in training
+    if float(want) not in decays:
+        raise config_validation.ConfigError(
+            f"config.train.sample_ema={want} is not one of config.train.ema_decays={tuple(decays)}.")
+    return decays.index(float(want))
