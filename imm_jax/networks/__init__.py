@@ -1,0 +1,74 @@
+"""IMM backbones (Flax Linen) behind one contract.
+
+    net = imm_jax.networks.build(config.model)
+    params = net.init(key, x, t_in, s_in, labels)["params"]
+    G = net.apply({"params": params}, x, t_in, s_in, labels=None, train=False, rngs=None)
+
+x: (B, H, W, C) float32 NHWC in model space. t_in, s_in: (B,) float32 time inputs (c_noise(t) = 1000 t
+and c_noise(s) or 1000 (t - s); see `imm_jax.parameterization`). labels: (B,) int32 class ids with index
+`num_classes` = null class, or None when model.num_classes == 0. Dropout (UNet, train=True) draws from the
+rng stream "dropout". G: float32, x's shape.
+
+Models are chosen by `model.name` from the explicit `REGISTRY`; config helpers `dit_config` and
+`unet_config` return a complete `model` ConfigDict.
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import flax.linen as nn
+from ml_collections import config_dict
+
+from imm_jax.networks import dit
+
+REGISTRY: dict[str, Callable[[config_dict.ConfigDict], nn.Module]] = {
+    "dit": dit.build,
+}
+
+
+def build(model_config) -> nn.Module:
+    """Linen module for `model_config` (the `model` field of a config), chosen by model_config.name."""
+    name = model_config.get("name")
+    if name not in REGISTRY:
+        raise ValueError(f"model.name must be one of {sorted(REGISTRY)}, got {name!r}")
+    return REGISTRY[name](model_config)
+
+
+def dit_config(variant: str | None = "S/2", *, image_size: int = 32, in_channels: int = 4,
+               num_classes: int = 1000, dtype: str = "float32", **overrides) -> config_dict.ConfigDict:
+    """A complete `model` ConfigDict for a DiT.
+
+    `variant` is "{S,B,L,XL}/{2,4,8}". hidden_size/depth/num_heads/patch_size default to the variant's
+    (placeholders resolved at build time, so `--config.model.variant=B/2` works) and can be set
+    explicitly for tiny test models (variant=None then requires all four).
+    """
+    if variant is not None:
+        dit.parse_variant(variant)  # fail early on a bad name
+    cfg = config_dict.ConfigDict(dict(
+        name="dit",
+        variant=config_dict.placeholder(str) if variant is None else variant,
+        hidden_size=config_dict.placeholder(int),
+        depth=config_dict.placeholder(int),
+        num_heads=config_dict.placeholder(int),
+        patch_size=config_dict.placeholder(int),
+        mlp_ratio=4.0,
+        s_embed=True,          # separate s embedder (IMM); False gives plain DiT conditioning
+        remat=False,           # rematerialise blocks in the backward pass (memory for compute)
+        image_size=image_size,
+        in_channels=in_channels,
+        num_classes=num_classes,
+        dtype=dtype,
+    ))
+    _apply_overrides(cfg, overrides)
+    dit.resolve_dims(cfg)
+    return cfg
+
+
+def _apply_overrides(cfg: config_dict.ConfigDict, overrides: dict) -> None:
+    for key, value in overrides.items():
+        if key not in cfg:
+            raise ValueError(f"unknown model field {key!r}; known fields: {sorted(cfg.keys())}")
+        setattr(cfg, key, value)
+
+
+__all__ = ["REGISTRY", "build", "dit_config"]

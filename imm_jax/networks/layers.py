@@ -1,0 +1,44 @@
+"""Small building blocks shared by the backbones: dtype parsing, float32 norms, attention."""
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+_DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def compute_dtype(name: str):
+    """Maps model.dtype ("float32" | "bfloat16" | "float16") to a jnp dtype."""
+    if name not in _DTYPES:
+        raise ValueError(f"model.dtype must be one of {sorted(_DTYPES)}, got {name!r}")
+    return _DTYPES[name]
+
+
+def layer_norm(x: jax.Array, eps: float = 1e-6) -> jax.Array:
+    """LayerNorm over the last axis without affine params; statistics in float32, returns float32."""
+    x = x.astype(jnp.float32)
+    mean = jnp.mean(x, axis=-1, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axis=-1, keepdims=True)
+    return (x - mean) * jax.lax.rsqrt(var + eps)
+
+
+def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
+               eps: float) -> jax.Array:
+    """GroupNorm of NHWC x (statistics in float32, biased variance like torch); returns float32."""
+    n, h, w, c = x.shape
+    xg = x.astype(jnp.float32).reshape(n, h * w, num_groups, c // num_groups)
+    mean = jnp.mean(xg, axis=(1, 3), keepdims=True)
+    var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
+    xg = (xg - mean) * jax.lax.rsqrt(var + eps)
+    return xg.reshape(n, h, w, c) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+    """Multi-head softmax attention with float32 logits and softmax.
+
+    q, k, v: (B, N, heads, head_dim) in the trunk dtype. Returns (B, N, heads, head_dim) in v's dtype.
+    """
+    scale = q.shape[-1] ** -0.5
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
