@@ -109,3 +109,106 @@ def test_sample_latents_formula():
     assert not np.allclose(got, other)
     zero = np.asarray(latents.sample_latents(key, mean, np.zeros_like(std)))
     np.testing.assert_allclose(zero, (mean - RAW_MEAN) / RAW_STD * 0.5, rtol=1e-5, atol=1e-6)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# The pre-encoding tool end to end (tiny random VAE, generated JPEGs / mocked TFDS) -> LatentShards.
+
+from PIL import Image  # noqa: E402
+
+from imm_jax import vae  # noqa: E402
+from imm_jax.tools import encode_latents  # noqa: E402
+
+TINY = vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
+
+
+def test_center_crop_arr_matches_adm_steps():
+    rng = np.random.default_rng(0)
+    img = Image.fromarray(rng.integers(0, 256, size=(70, 150, 3), dtype=np.uint8))  # W=150, H=70
+    got = encode_latents.center_crop_arr(img, 16)
+    # min side 70 >= 32: BOX halve to (75, 35), then to (37, 17); 17 < 32 stops; BICUBIC to short side 16.
+    ref = img.resize((75, 35), Image.BOX).resize((37, 17), Image.BOX)
+    ref = np.asarray(ref.resize((round(37 * 16 / 17), 16), Image.BICUBIC))  # (35 wide, 16 high)
+    assert ref.shape == (16, 35, 3)
+    np.testing.assert_array_equal(got, ref[:, 9:25])
+    small = encode_latents.center_crop_arr(Image.fromarray(rng.integers(0, 256, (5, 9), np.uint8)), 16)
+    assert small.shape == (16, 16, 3) and small.dtype == np.uint8  # grayscale upsampled to RGB
+
+
+@pytest.fixture(scope="module")
+def tiny_vae_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("vae")
+    vae.save_pretrained(path, TINY, vae.random_params(TINY, seed=3, norm_noise=0.2))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def image_folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs")
+    rng = np.random.default_rng(1)
+    sizes = {"n02": [(20, 30), (40, 17)], "n01": [(16, 16), (33, 50), (64, 64)], "n03": [(18, 25), (30, 30)]}
+    for cls, shapes in sizes.items():
+        os.makedirs(root / cls)
+        for j, (h, w) in enumerate(shapes):
+            arr = rng.integers(0, 256, size=(h, w, 3), dtype=np.uint8)
+            if j == 1:
+                Image.fromarray(arr[..., 0]).save(root / cls / f"img{j}.png")  # grayscale PNG
+            else:
+                Image.fromarray(arr).save(root / cls / f"img{j}.JPEG", quality=95)
+    (root / "n01" / "notes.txt").write_text("not an image")
+    return str(root)
+
+
+def test_encode_folder_end_to_end_and_resume(tmp_path, tiny_vae_dir, image_folder, capsys):
+    out = str(tmp_path / "lat")
+    args = ["--source=folder", f"--data_dir={image_folder}", f"--vae={tiny_vae_dir}", f"--out={out}",
+            "--resolution=16", "--per_device_batch=1", "--shard_size=3", "--workers=2"]
+    assert encode_latents.main(args) == 0
+    ds = latents.LatentShards(out)
+    assert len(ds) == 7
+    # classes sorted: n01 (3 images) -> 0, n02 (2) -> 1, n03 (2) -> 2
+    assert [ds[i]["label"] for i in range(7)] == [0, 0, 0, 1, 1, 2, 2]
+    assert ds[6]["mean"].shape == ds[6]["std"].shape == (8, 8, 4)
+    assert ds.metadata["resolution"] == 16 and ds.metadata["classes"] == ["n01", "n02", "n03"]
+    # Stored moments are the VAE posterior of the ADM-cropped image.
+    module, params = vae.load_pretrained(tiny_vae_dir)
+    src = encode_latents.FolderSource(image_folder)
+    crops = np.stack([encode_latents.center_crop_arr(src.load(i)[0], 16) for i in (1, 4)])
+    mean, std = vae.encode_images(module, params, crops)
+    np.testing.assert_allclose(ds.get_batch([1, 4])["mean"], np.asarray(mean), rtol=1e-4, atol=1e-5)
+    np.testing.assert_allclose(ds.get_batch([1, 4])["std"], np.asarray(std), rtol=1e-4, atol=1e-5)
+    assert float(np.min(std)) > 0
+
+    # Resume: drop shard 1 and the index; only shard 1 is redone, the others are untouched.
+    os.remove(os.path.join(out, "shard-00001.json"))
+    os.remove(os.path.join(out, "index.json"))
+    before = os.stat(os.path.join(out, "shard-00000.mean.npy")).st_mtime_ns
+    capsys.readouterr()
+    assert encode_latents.main(args) == 0
+    log = capsys.readouterr().out
+    assert "2 already done, 1 to encode (3 images)" in log and "wrote shard 1 " in log
+    assert os.stat(os.path.join(out, "shard-00000.mean.npy")).st_mtime_ns == before
+    ds2 = latents.LatentShards(out)
+    np.testing.assert_allclose(ds2[4]["mean"], ds[4]["mean"], rtol=1e-5, atol=1e-6)
+
+
+def test_encode_tfds_mock_two_hosts(tmp_path, tiny_vae_dir, capsys):
+    tfds = pytest.importorskip("tensorflow_datasets")
+    out = str(tmp_path / "lat")
+    base = ["--source=tfds", "--tfds_name=imagenet2012", "--split=train", f"--vae={tiny_vae_dir}",
+            f"--out={out}", "--resolution=16", "--per_device_batch=1", "--shard_size=2", "--workers=1",
+            "--num_hosts=2", "--storage_dtype=float16"]
+    with tfds.testing.mock_data(num_examples=5):
+        ref = tfds.data_source("imagenet2012", split="train", download=False)
+        want_labels = [int(ref[i]["label"]) for i in range(5)]
+        assert encode_latents.main(base + ["--host_index=1"]) == 0  # shard 1 of 0..2
+        assert not os.path.exists(os.path.join(out, "index.json"))
+        assert sorted(f for f in os.listdir(out) if f.endswith(".json")) == ["shard-00001.json"]
+        assert encode_latents.main(base + ["--finalize_only"]) == 1
+        assert encode_latents.main(base + ["--host_index=0"]) == 0  # shards 0 and 2; writes the index
+    assert "wrote" in capsys.readouterr().out
+    ds = latents.LatentShards(out)
+    assert len(ds) == 5 and ds.index["storage_dtype"] == "float16"
+    assert [ds[i]["label"] for i in range(5)] == want_labels
+    assert ds[4]["mean"].shape == (8, 8, 4) and ds[4]["mean"].dtype == np.float32
+    assert ds.metadata["source"] == "tfds"
