@@ -86,6 +86,29 @@ class Parameterization:
         second = s if self.temb == "s" else t - s
         return self.time_scale * t, self.time_scale * second
 
+    def network_output(self, net_fn: NetFn, x_t, s, t, labels=None, cfg_scale=None,
+                       null_label: Optional[int] = None):
+        """G(c_in(t) x_t, c_noise(t), c_noise(s or t - s), labels), float32, guided if cfg_scale is set.
+
+        Classifier-free guidance acts on this raw output: G_w = G(null) + w (G(c) - G(null)). None (or a
+        Python 1.0) disables it; otherwise null_label (= num_classes) is required.
+        """
+        s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x_t.shape[:1])
+        t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
+        x_in = interpolants.expand_like(self.c_in(t), x_t) * x_t.astype(jnp.float32)
+        t_in, s_in = self.time_inputs(s, t)
+        guided = (cfg_scale is not None and labels is not None
+                  and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0))
+        if not guided:
+            return net_fn(x_in, t_in, s_in, labels).astype(jnp.float32)
+        if null_label is None:
+            raise ValueError("classifier-free guidance needs null_label (= num_classes).")
+        both = lambda v: jnp.concatenate([v, v], axis=0)
+        null = jnp.full_like(labels, null_label)
+        g = net_fn(both(x_in), both(t_in), both(s_in), jnp.concatenate([null, labels], 0))
+        g_uncond, g_cond = jnp.split(g.astype(jnp.float32), 2, axis=0)
+        return g_uncond + cfg_scale * (g_cond - g_uncond)
+
     def apply(self, net_fn: NetFn, x_t, s, t, labels=None, cfg_scale=None,
               null_label: Optional[int] = None):
         """f_{s,t}(x_t).
@@ -95,28 +118,23 @@ class Parameterization:
           x_t: (B, H, W, C) samples at time t.
           s, t: (B,) target and current times, s <= t.
           labels: (B,) int class ids or None.
-          cfg_scale: classifier-free guidance weight w; G_w = G(null) + w (G(c) - G(null)) on the raw
-            network output, before the skip combination. None (or a Python 1.0) disables guidance.
-          null_label: the class id of the null token (num_classes); required with guidance.
+          cfg_scale, null_label: classifier-free guidance, see `network_output`.
         Returns:
           (B, H, W, C) f_{s,t}(x_t), float32.
         """
         s = jnp.broadcast_to(jnp.asarray(s, jnp.float32), x_t.shape[:1])
         t = jnp.broadcast_to(jnp.asarray(t, jnp.float32), x_t.shape[:1])
-        x_t = x_t.astype(jnp.float32)
-        x_in = interpolants.expand_like(self.c_in(t), x_t) * x_t
-        t_in, s_in = self.time_inputs(s, t)
-        guided = (cfg_scale is not None and labels is not None
-                  and not (isinstance(cfg_scale, (int, float)) and cfg_scale == 1.0))
-        if guided:
-            if null_label is None:
-                raise ValueError("classifier-free guidance needs null_label (= num_classes).")
-            both = lambda v: jnp.concatenate([v, v], axis=0)
-            null = jnp.full_like(labels, null_label)
-            g = net_fn(both(x_in), both(t_in), both(s_in), jnp.concatenate([null, labels], 0))
-            g_uncond, g_cond = jnp.split(g.astype(jnp.float32), 2, axis=0)
-            g = g_uncond + cfg_scale * (g_cond - g_uncond)
-        else:
-            g = net_fn(x_in, t_in, s_in, labels).astype(jnp.float32)
+        g = self.network_output(net_fn, x_t, s, t, labels, cfg_scale, null_label)
         c_skip, c_out = self.c_skip_out(s, t)
+        x_t = x_t.astype(jnp.float32)
         return interpolants.expand_like(c_skip, x_t) * x_t + interpolants.expand_like(c_out, x_t) * g
+
+    def velocity(self, net_fn: NetFn, x_t, t, labels=None, cfg_scale=None, null_label: Optional[int] = None):
+        """Flow-matching velocity dx_t/dt = eps - x predicted as sigma_d G(., c_noise(t), c_noise(s = t)).
+
+        The flow-matching baseline (`losses.fm_loss`) trains the same networks to this target with s = t,
+        which is the Euler-FM parameterisation's instantaneous limit; schedule "fm" only.
+        """
+        if self.schedule != "fm":
+            raise ValueError("the flow-matching baseline uses the OT-FM path: set imm.schedule='fm'.")
+        return self.sigma_d * self.network_output(net_fn, x_t, t, t, labels, cfg_scale, null_label)
