@@ -466,6 +466,34 @@ def test_cli_stats_and_fid(tmp_path, monkeypatch, capsys):
         cli.main(["fid", "--samples", str(tmp_path / "smp.npz"), "--ref", str(tmp_path / "st.npz"), "--kid"])
 
 
+def test_cached_stats_and_fid_evaluator(tmp_path):
+    rng = np.random.default_rng(9)
+    ref = rng.integers(0, 256, (40, 5, 5, 3), dtype=np.uint8)
+    calls = []
+
+    def source():
+        calls.append(1)
+        return ref
+
+    fe = _FakeExtractor()
+    cache = str(tmp_path / "ref_stats.npz")
+    first = evaluation.cached_stats(cache, source, extractor=fe, progress=False)
+    second = evaluation.cached_stats(cache, source, extractor=fe, progress=False)
+    assert len(calls) == 1 and os.path.isfile(cache)  # second call read the cache, not the images
+    np.testing.assert_array_equal(first.sigma, second.sigma)
+    np.testing.assert_allclose(first.sigma, np.cov(fe(ref), rowvar=False), rtol=1e-10)
+    evaluation.cached_stats(cache, source, extractor=_FakeExtractor(value_range="tf"), progress=False)
+    assert len(calls) == 2  # other feature space: recomputed
+
+    smp = rng.integers(0, 128, (30, 5, 5, 3), dtype=np.uint8)
+    fid_eval = evaluation.FIDEvaluator(first, extractor=fe)
+    out = fid_eval(smp)
+    assert out["n"] == 30
+    np.testing.assert_allclose(out["fid"], fidlib.fid(fidlib.stats_from_features(fe(smp)), first), rtol=1e-12)
+    with pytest.raises(ValueError, match="feature space"):
+        evaluation.FIDEvaluator(first, extractor=_FakeExtractor(value_range="tf"))
+
+
 # ----------------------------------------------------------------------------------------------------------
 # Real weights: features against the torch reference (slow: two Inception forwards on CPU)
 

@@ -198,3 +198,41 @@ def compute_stats(images: np.ndarray | Iterable[np.ndarray] | Callable[[], Itera
 def _check_square(a: np.ndarray, name: str) -> None:
     if a.ndim != 2 or a.shape[0] != a.shape[1]:
         raise ValueError(f"{name} must be a square matrix, got shape {a.shape}")
+
+
+def cached_stats(cache_path: str, images, *, extractor=None, progress: bool = True) -> Stats:
+    """Statistics of `images` (see compute_stats), cached at `cache_path` (.npz).
+
+    Loads the cache when it exists and was made in the same feature space (weights + preprocessing) as
+    `extractor`; otherwise computes the statistics and writes the cache. `images` may be a callable so that
+    the dataset is only read when the cache is missing.
+    """
+    from imm_jax.evaluation.features import FeatureExtractor
+    extractor = extractor or FeatureExtractor()
+    if os.path.isfile(cache_path):
+        stats = Stats.load(cache_path)
+        if stats.feature_space == extractor.name:
+            return stats
+    stats = compute_stats(images, extractor=extractor, progress=progress)
+    stats.save(cache_path)
+    return stats
+
+
+class FIDEvaluator:
+    """FID (and optionally KID) of image batches against fixed reference statistics, e.g. during training.
+
+    Holds one FeatureExtractor, so the Inception program compiles once per image shape and is reused.
+    `evaluator(images_uint8)` -> {"fid": float, "n": int}.
+    """
+
+    def __init__(self, ref, *, extractor=None, weights_path: str | None = None, batch_size: int = 64):
+        from imm_jax.evaluation.features import FeatureExtractor
+        self.extractor = extractor or FeatureExtractor(weights_path, batch_size=batch_size)
+        self.ref = as_stats(ref)
+        if self.ref.feature_space and self.ref.feature_space != self.extractor.name:
+            raise ValueError(f"reference statistics were made in feature space {self.ref.feature_space!r}, "
+                             f"the extractor is {self.extractor.name!r}; recompute them with the same settings")
+
+    def __call__(self, images: np.ndarray, *, progress: bool = False) -> dict:
+        stats = stats_from_features(self.extractor(images, progress=progress), self.extractor.name)
+        return {"fid": fid(stats, self.ref), "n": stats.n}
