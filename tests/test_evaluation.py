@@ -7,7 +7,6 @@ repeated to 3 channels). Regenerate with `python tests/test_evaluation.py --make
 environment where `pip install torch==2.13.0` is available.
 """
 import gzip
-import io
 import json
 import os
 import struct
