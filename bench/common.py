@@ -1,0 +1,110 @@
+"""Shared helpers for the benchmarks: device setup, timing, matmul peak, XLA cost analysis, output."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import time
+
+
+def set_cpu_devices(n: int):
+    """Fake n CPU devices; must run before jax is imported."""
+    if "jax" in sys.modules:
+        raise RuntimeError("set_cpu_devices must be called before importing jax")
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+
+
+def block(x):
+    import jax
+    return jax.block_until_ready(x)
+
+
+def time_calls(fn, iters: int, warmup: int = 2) -> list[float]:
+    """Seconds per call of fn() (which must block), after warm-up."""
+    for _ in range(warmup):
+        fn()
+    out = []
+    for _ in range(iters):
+        t0 = time.perf_counter()
+        fn()
+        out.append(time.perf_counter() - t0)
+    return out
+
+
+def matmul_peak_flops(n: int = 2048, iters: int = 10) -> float:
+    """Best measured float32 matmul FLOP/s (n x n @ n x n, jit, default precision) on the default device."""
+    import jax
+    import jax.numpy as jnp
+    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+    f = jax.jit(lambda a, b: a @ b)
+    times = time_calls(lambda: block(f(a, b)), iters)
+    return 2 * n ** 3 / min(times)
+
+
+def cost_flops(compiled) -> float:
+    """FLOPs of one call of a compiled XLA program (XLA's own cost analysis), summed over devices."""
+    ca = compiled.cost_analysis()
+    if isinstance(ca, (list, tuple)):
+        return float(sum(c.get("flops", 0.0) for c in ca))
+    return float(ca.get("flops", 0.0))
+
+
+def memory_bytes(compiled) -> int:
+    """Peak bytes XLA plans for one call: arguments + outputs + temporaries (per device)."""
+    m = compiled.memory_analysis()
+    if m is None:
+        return -1
+    return int(m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+               - m.alias_size_in_bytes)
+
+
+def machine() -> dict:
+    import jax
+    cpu = platform.processor() or platform.machine()
+    try:
+        model = [l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")][0]
+    except (OSError, IndexError):
+        model = cpu
+    return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
+                devices=jax.device_count(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+
+
+def run_child(script: str, args: list[str], devices: int) -> list[dict]:
+    """Run a benchmark script in a fresh process with `devices` fake CPU devices; parse its JSON lines."""
+    env = dict(os.environ)
+    flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+    env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
+    if out.returncode:
+        sys.stderr.write(out.stderr)
+        raise RuntimeError(f"{script} {' '.join(args)} failed with exit code {out.returncode}")
+    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+
+
+def print_table(rows: list[dict], columns: list[str]):
+    widths = [max(len(c), *(len(_fmt(r.get(c))) for r in rows)) for c in columns]
+    print("  ".join(c.ljust(w) for c, w in zip(columns, widths)))
+    for r in rows:
+        print("  ".join(_fmt(r.get(c)).ljust(w) for c, w in zip(columns, widths)))
+
+
+def _fmt(v) -> str:
+    if isinstance(v, float):
+        return f"{v:.3g}" if abs(v) < 1e4 else f"{v:.3e}"
+    return "" if v is None else str(v)
+
+
+def write_json(path: str, payload: dict):
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(payload, f, indent=2)
+    print(f"wrote {path}")
+
+
+def median(xs):
+    return statistics.median(xs)
