@@ -203,7 +203,9 @@ class SpatialSelfAttention(nn.Module):
         h = _group_norm(self.groups, self.dtype, "group_norm")(x).reshape(b, hgt * wid, c)
         dense = lambda name: nn.Dense(c, dtype=self.dtype, param_dtype=jnp.float32, name=name)
         q, k, v = dense("to_q")(h), dense("to_k")(h), dense("to_v")(h)
-        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32) / np.sqrt(c)
+        # Scale q before the product so float16 logits stay in range; softmax in float32.
+        q = q * jnp.asarray(1.0 / np.sqrt(c), q.dtype)
+        logits = jnp.einsum("bqc,bkc->bqk", q, k).astype(jnp.float32)
         weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
         out = jnp.einsum("bqk,bkc->bqc", weights, v)
         out = dense("to_out_0")(out)
