@@ -1,0 +1,101 @@
+"""Configs load, and start-up validation rejects bad configs with messages that say what to change."""
+import importlib.util
+import os
+
+import pytest
+
+from imm_jax import config_validation
+
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
+
+
+def load(name, arg=None):
+    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIG_DIR, name + ".py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg) if arg is not None else mod.get_config()
+
+
+@pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "imagenet256", "cifar10"])
+def test_configs_load_and_validate(name):
+    if name == "cifar10":
+        from imm_jax import networks
+        if not hasattr(networks, "unet_config"):
+            pytest.skip("networks.unet_config not available yet")
+    c = load(name)
+    config_validation.validate(c, num_devices=8 if name == "tiny" else 1)
+    with open(os.path.join(CONFIG_DIR, name + ".py")) as f:
+        assert "python -m imm_jax.main --config=configs/" + name + ".py" in f.read()
+
+
+def test_cifar10_recipe():
+    from imm_jax import networks
+    if not hasattr(networks, "unet_config"):
+        pytest.skip("networks.unet_config not available yet")
+    c = load("cifar10")
+    assert (c.data.batch_size, c.imm.particles, c.imm.k, c.imm.a, c.imm.b) == (4096, 4, 15, 1.0, 5.0)
+    assert (c.imm.f_type, c.imm.schedule, c.optim.name, c.data.random_flip) == ("simple_edm", "fm", "radam", True)
+    assert c.model.dropout == 0.2 and c.model.num_classes == 0 and c.data.name == "cifar10"
+    assert (c.imm.t_min, c.imm.t_max, c.optim.lr) == (0.006, 0.994, 1e-4)
+
+
+def test_imagenet_variants():
+    c = load("imagenet256", "variant=XL/2,a=2,temb=stride")
+    assert c.model.variant == "XL/2" and c.imm.a == 2.0 and c.imm.temb == "stride" and c.imm.min_gap == 1e-4
+    assert (c.imm.f_type, c.imm.k, c.imm.b, c.imm.t_min, c.imm.label_dropout) == ("euler_fm", 12, 4.0, 0.0, 0.1)
+    c = load("imagenet256", "variant=S/2")
+    assert c.model.variant == "S/2" and c.imm.a == 1.0 and c.imm.temb == "s" and c.imm.min_gap == 0.0
+    config_validation.validate(c, num_devices=8)
+    with pytest.raises(ValueError, match="variant"):
+        load("imagenet256", "variant=Q/3")
+    with pytest.raises(ValueError, match="unknown arg"):
+        load("imagenet256", "size=B/2")
+
+
+def _expect(config, fragment, num_devices=8):
+    with pytest.raises(config_validation.ConfigError) as e:
+        config_validation.validate(config, num_devices=num_devices)
+    assert fragment in str(e.value), str(e.value)
+
+
+def test_validation_messages():
+    c = load("tiny")
+    c.data.batch_size = 30
+    _expect(c, "not divisible by config.imm.particles=4")
+    c = load("tiny")
+    c.data.batch_size = 36
+    _expect(c, "not divisible by the 8 data-parallel devices")
+    c = load("tiny")
+    c.data.batch_size = 16  # 2 per device: half a group of 4
+    _expect(c, "make batch_size a multiple of 32")
+    c = load("tiny")
+    c.imm.f_type, c.imm.schedule = "euler_fm", "cosine"
+    _expect(c, "requires config.imm.schedule='fm'")
+    c = load("tiny")
+    c.optim.name = "sgdx"
+    _expect(c, "config.optim.name='sgdx'")
+    c = load("tiny")
+    c.train.ema_decays = (0.9, 1.5)
+    _expect(c, "decays must be in [0, 1)")
+    c = load("tiny")
+    c.data.source = "mnistt"
+    _expect(c, "config.data.source='mnistt'")
+    c = load("tiny")
+    c.model.dtype = "float16"
+    _expect(c, "--config.imm.min_gap=1e-4")
+    c = load("tiny")
+    with c.unlocked() if hasattr(c, "unlocked") else c.ignore_type():
+        c.extra_thing = 1
+    _expect(c, "unknown top-level config field 'extra_thing'")
+    c = load("tiny")
+    del c.optim["lr"]
+    _expect(c, "config.optim.lr is missing")
+
+
+def test_validation_collects_all_errors():
+    c = load("tiny")
+    c.data.batch_size = 30
+    c.imm.kernel = "gauss"
+    with pytest.raises(config_validation.ConfigError) as e:
+        config_validation.validate(c, num_devices=8)
+    assert "particles=4" in str(e.value) and "config.imm.kernel='gauss'" in str(e.value)
