@@ -19,10 +19,11 @@ from typing import Callable
 import flax.linen as nn
 from ml_collections import config_dict
 
-from imm_jax.networks import dit
+from imm_jax.networks import dit, unet
 
 REGISTRY: dict[str, Callable[[config_dict.ConfigDict], nn.Module]] = {
     "dit": dit.build,
+    "unet": unet.build,
 }
 
 
@@ -64,6 +65,25 @@ def dit_config(variant: str | None = "S/2", *, image_size: int = 32, in_channels
     return cfg
 
 
+def unet_config(*, image_size: int = 32, in_channels: int = 3, num_classes: int = 0,
+                dtype: str = "float32", **overrides) -> config_dict.ConfigDict:
+    """A complete `model` ConfigDict for the DDPM++ UNet with the CIFAR-10 defaults of spec §6.1.
+
+    Pass `preset="ncsnpp"` for the NCSN++ variant (Fourier embedding, [1,3,3,1] filter, residual encoder).
+    """
+    preset = overrides.pop("preset", "ddpmpp")
+    if preset not in unet.PRESETS:
+        raise ValueError(f"unet preset must be one of {sorted(unet.PRESETS)}, got {preset!r}")
+    fields = dict(name="unet", image_size=image_size, in_channels=in_channels, num_classes=num_classes,
+                  dtype=dtype)
+    fields.update(unet.DEFAULTS)
+    fields.update(unet.PRESETS[preset])
+    cfg = config_dict.ConfigDict(fields)
+    _apply_overrides(cfg, overrides)
+    unet.check_config(cfg)
+    return cfg
+
+
 def _apply_overrides(cfg: config_dict.ConfigDict, overrides: dict) -> None:
     for key, value in overrides.items():
         if key not in cfg:
@@ -71,4 +91,4 @@ def _apply_overrides(cfg: config_dict.ConfigDict, overrides: dict) -> None:
         setattr(cfg, key, value)
 
 
-__all__ = ["REGISTRY", "build", "dit_config"]
+__all__ = ["REGISTRY", "build", "dit_config", "unet_config"]
