@@ -352,3 +352,55 @@ def test_registry_is_explicit():
     assert isinstance(networks.build(networks.dit_config("S/2")), dit_lib.DiT)
     with pytest.raises(ValueError, match="unknown model field"):
         networks.unet_config(channels=3)
+
+
+# ---------------------------------------------------------------------------------------- sharding
+
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P  # noqa: E402
+
+from imm_jax.networks import partitioning  # noqa: E402
+
+
+def test_leaf_partition_rules():
+    spec = partitioning.leaf_partition_spec
+    assert spec((1152,), fsdp_size=4) == P()                       # small: replicated
+    assert spec((1152, 6912), fsdp_size=4) == P(None, "fsdp")       # largest divisible axis
+    assert spec((4608, 1152), fsdp_size=4) == P("fsdp")
+    assert spec((3, 3, 512, 256), fsdp_size=4) == P(None, None, "fsdp")
+    assert spec((1001, 1152), fsdp_size=8) == P(None, "fsdp")        # 1001 not divisible
+    assert spec((1001, 1001), fsdp_size=8) == P()                    # nothing divisible
+    assert spec((1024, 1024), fsdp_size=1) == P()
+    assert spec((512, 512), fsdp_size=2, min_size=2 ** 18) == P(None, "fsdp")  # ties -> later axis
+    assert spec((511, 512), fsdp_size=2, min_size=2 ** 18) == P()  # 261,632 elements < 2^18
+
+
+def test_partition_specs_xl_tree_and_sharded_apply_matches():
+    # Full-size tree via eval_shape: every spec divides its dimension, large tensors are sharded.
+    net = networks.build(networks.dit_config("XL/2"))
+    x, t, s, y = _inputs(2, 32, 4, 1000)
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t, s, y))["params"]
+    specs = partitioning.param_partition_specs(shapes, fsdp_size=4)
+    big = 0
+    for leaf, spec in zip(jax.tree.leaves(shapes), jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P))):
+        if np.prod(leaf.shape) >= 2 ** 18:
+            big += 1
+            assert "fsdp" in tuple(spec), leaf.shape
+            assert leaf.shape[tuple(spec).index("fsdp")] % 4 == 0
+        else:
+            assert spec == P()
+    # per block: adaLN, qkv, proj, fc1, fc2; + t/s mlp_0 and mlp_2, label table, final adaLN
+    assert big == 28 * 5 + 6
+
+    # A tiny DiT sharded on a (data=2, fsdp=4) mesh computes the same output as unsharded.
+    mesh = Mesh(np.asarray(jax.devices()[:8]).reshape(2, 4), ("data", "fsdp"))
+    net = networks.build(tiny_dit())
+    x, t, s, y = _inputs(4, 8, 4, 10)
+    params = _random_params(net, x, t, s, y)
+    specs = partitioning.param_partition_specs(params, fsdp_size=4, min_size=256)
+    assert any("fsdp" in tuple(sp) for sp in jax.tree.leaves(specs, is_leaf=lambda v: isinstance(v, P)))
+    sharded = jax.tree.map(lambda a, sp: jax.device_put(a, NamedSharding(mesh, sp)), params, specs,
+                           is_leaf=lambda v: isinstance(v, P))
+    xs = jax.device_put(x, NamedSharding(mesh, P("data")))
+    out = jax.jit(lambda p, *a: net.apply({"params": p}, *a))(sharded, xs, t, s, y)
+    ref = _apply(net, params, x, t, s, y)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(ref), rtol=1e-5, atol=1e-5)
