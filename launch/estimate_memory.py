@@ -24,6 +24,9 @@ GIB = 1024 ** 3
 VARIANTS = ("S/2", "B/2", "L/2", "XL/2")
 
 
+REMAT = False
+
+
 def _config(variant, **overrides):
     import importlib.util
     spec = importlib.util.spec_from_file_location(
@@ -31,6 +34,7 @@ def _config(variant, **overrides):
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     config = mod.get_config(f"variant={variant}")
+    config.model.remat = REMAT
     for k, v in overrides.items():
         setattr(config.model, k, v)
     return config
@@ -71,16 +75,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--batches", type=int, nargs=2, default=(8, 16))
     p.add_argument("--num_ema", type=int, default=2, help="EMA copies (configs/imagenet256.py keeps 2)")
+    p.add_argument("--remat", action="store_true", help="measure with model.remat=True")
     args = p.parse_args()
+    global REMAT
+    REMAT = args.remat
     b1, b2 = args.batches
 
     base = _config("S/2")
     t1, t2 = step_temp_bytes(base, b1), step_temp_bytes(base, b2)
     per_sample_s = (t2 - t1) / (b2 - b1)
     fixed = t1 - b1 * per_sample_s
-    print(f"DiT-S/2 IMM step temp: batch {b1}: {t1 / 2**20:.1f} MiB, batch {b2}: {t2 / 2**20:.1f} MiB "
+    print(f"DiT-S/2{' (remat)' if REMAT else ''} IMM step temp: batch {b1}: {t1 / 2**20:.1f} MiB, batch {b2}: {t2 / 2**20:.1f} MiB "
           f"-> {per_sample_s / 2**20:.2f} MiB/sample + {fixed / 2**20:.1f} MiB")
-    dims = {v: (_config(v).model.depth, _config(v).model.hidden_size) for v in VARIANTS}
+    from imm_jax.networks import dit
+    dims = {v: (dit.resolve_dims(_config(v).model)["depth"], dit.resolve_dims(_config(v).model)["hidden_size"])
+            for v in VARIANTS}
     ds, hs = dims["S/2"]
 
     # Check the depth*hidden scaling on a 2-block XL/2 (XL width and heads).
@@ -101,7 +110,7 @@ def main():
         act = per_sample_s * (d * h) / (ds * hs)
         fits = []
         for cap in (16, 32, 80):
-            free = 0.9 * cap * GIB - state - fixed
+            free = 0.9 * cap * GIB - state - max(fixed, 0.0)  # 10% headroom
             fits.append(str(max(0, int(free // act) // 4 * 4)) if free > 0 else "0")
         print(f"| {v} | {n / 1e6:.2f}M | {state / GIB:.2f} GiB | {act / 2**20:.1f} MiB | {' / '.join(fits)} |")
 
