@@ -179,6 +179,16 @@ def test_encode_folder_end_to_end_and_resume(tmp_path, tiny_vae_dir, image_folde
     np.testing.assert_allclose(ds.get_batch([1, 4])["std"], np.asarray(std), rtol=1e-4, atol=1e-5)
     assert float(np.min(std)) > 0
 
+    # The training input pipeline reads these shards: z = normalize(mean + std * eps), labels as stored.
+    from imm_jax import input_pipeline
+    src = input_pipeline.LatentSource(out, num_classes=3)
+    batch = src.get([6, 0, 3], np.random.default_rng(0))
+    assert len(src) == 7 and batch["image"].shape == (3, 8, 8, 4) and batch["image"].dtype == np.float32
+    np.testing.assert_array_equal(batch["label"], [2, 0, 1])
+    got = ds.get_batch([6, 0, 3])
+    eps = (batch["image"] / 0.5 * RAW_STD + RAW_MEAN - got["mean"]) / got["std"]
+    assert np.all(np.isfinite(eps)) and 0.5 < eps.std() < 1.5  # really resampled with std-scaled noise
+
     # Resume: drop shard 1 and the index; only shard 1 is redone, the others are untouched.
     os.remove(os.path.join(out, "shard-00001.json"))
     os.remove(os.path.join(out, "index.json"))
