@@ -99,4 +99,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    FLAGS.set_default("verbosity", -1)  # absl WARNING: keep library INFO chatter out of the progress lines
     app.run(main)

@@ -1,0 +1,65 @@
+"""The command line: overrides, bad names, train -> samples -> sample mode, real SIGTERM (subprocesses)."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def run_main(args, env_extra=None, **kw):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8",
+               **(env_extra or {}))
+    return subprocess.run([sys.executable, "-m", "imm_jax.main"] + args, cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=600, **kw)
+
+
+def test_unknown_override_is_rejected(tmp_path):
+    r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_stepz=3"])
+    assert r.returncode != 0 and "num_stepz" in r.stderr
+    assert not os.path.exists(tmp_path / "checkpoints")
+
+
+def test_validation_error_reaches_the_user(tmp_path):
+    r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.batch_size=30"])
+    assert r.returncode != 0 and "not divisible by config.imm.particles=4" in r.stderr
+
+
+@pytest.mark.slow
+def test_cli_train_then_sample(tmp_path):
+    r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_steps=4",
+                  "--config.train.sample_every=2", "--config.train.log_every=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "step 4/4 | loss" in r.stdout and "img/s" in r.stdout and "ETA" in r.stdout
+    with open(tmp_path / "config.json") as f:
+        assert json.load(f)["train"]["num_steps"] == 4  # the resolved (overridden) config
+    assert sorted(os.listdir(tmp_path / "samples")) == [
+        "step00000002_1step.png", "step00000002_2step.png", "step00000004_1step.png", "step00000004_2step.png"]
+    r = run_main(["--mode=sample", f"--workdir={tmp_path}", "--num_samples=4", "--steps=1", "--steps=2"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert {"samples_1step.png", "samples_2step.png"} <= set(os.listdir(tmp_path / "samples_cli"))
+    import numpy as np
+    x = np.load(tmp_path / "samples_cli" / "samples_2step.npy")
+    assert x.shape == (4, 8, 8, 1) and np.all(np.isfinite(x))
+
+
+@pytest.mark.slow
+def test_sigterm_to_process_checkpoints(tmp_path):
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    p = subprocess.Popen([sys.executable, "-m", "imm_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",
+                          "--config.train.num_steps=100000", "--config.train.ckpt_every=100000"],
+                         cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 300
+    metrics = tmp_path / "metrics.jsonl"
+    while time.time() < deadline and not (metrics.exists() and metrics.read_text().count("\n") >= 3):
+        time.sleep(0.5)
+    p.send_signal(signal.SIGTERM)
+    out, err = p.communicate(timeout=300)
+    assert p.returncode == 0, err[-3000:]
+    steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
+    assert len(steps) == 1 and 3 <= steps[0] < 100000
+    assert f"Preempted: checkpoint written at step {steps[0]}" in out
