@@ -19,8 +19,8 @@ def get_config(arg=None):
     del arg
     c = ml_collections.ConfigDict()
     c.seed = 0
-    c.model = networks.dit_config(None, image_size=32, in_channels=1, num_classes=10, hidden_size=192,
-                                  depth=6, num_heads=3, patch_size=4)
+    c.model = networks.dit_config(None, image_size=32, in_channels=1, num_classes=10, hidden_size=128,
+                                  depth=4, num_heads=4, patch_size=4)
     c.imm = ml_collections.ConfigDict(dict(
         schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0, t_min=0.006,
         t_max=0.994, particles=4, k=12, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
@@ -34,7 +34,7 @@ def get_config(arg=None):
         num_steps=3000, log_every=50, ckpt_every=500, keep_checkpoints=3, sample_every=500,
         ema_decays=(0.999, 0.99), sample_ema=ml_collections.config_dict.placeholder(float),
         async_checkpoints=True, eval_every=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2, 4), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=2.0,
         sampler="pushforward", grid_size=100, seed=42))

@@ -25,7 +25,7 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         num_steps=6, log_every=1, ckpt_every=3, keep_checkpoints=3, sample_every=0, ema_decays=(0.9, 0.5),
         sample_ema=ml_collections.config_dict.placeholder(float), async_checkpoints=True, eval_every=0))
-    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1))
+    c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=1.5,
         sampler="pushforward", grid_size=4, seed=42))

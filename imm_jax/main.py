@@ -86,6 +86,8 @@ def sample_main(workdir: str):
 def main(argv):
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+    if not FLAGS["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the progress lines
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
     if FLAGS.multihost:
@@ -99,5 +101,4 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    FLAGS.set_default("verbosity", -1)  # absl WARNING: keep library INFO chatter out of the progress lines
     app.run(main)

@@ -58,11 +58,12 @@ def _partition_rules():
         return None
 
 
-def state_shardings(abstract_state, mesh: Mesh):
+def state_shardings(abstract_state, mesh: Mesh, min_size: int | None = None):
     """NamedShardings for a pytree of ShapeDtypeStructs (params, opt_state, EMA alike).
 
     Uses `imm_jax.networks.partitioning.param_partition_specs` (shape-based rules over "fsdp") when available.
     The rule is shape based, so optimizer moments and EMA copies get the same layout as their parameter.
+    min_size: tensors with fewer elements stay replicated (config.mesh.fsdp_min_size; networks' default 2**18).
     """
     rules = _partition_rules()
     fsdp = mesh.shape["fsdp"]
@@ -70,7 +71,8 @@ def state_shardings(abstract_state, mesh: Mesh):
         if rules is None and fsdp > 1:
             logging.warning("imm_jax.networks.partitioning is not available: replicating parameters (no FSDP).")
         return jax.tree.map(lambda _: replicated(mesh), abstract_state)
-    specs = rules(abstract_state, fsdp_size=fsdp)
+    kw = {} if min_size is None else {"min_size": int(min_size)}
+    specs = rules(abstract_state, fsdp_size=fsdp, **kw)
     return jax.tree.map(lambda spec: NamedSharding(mesh, spec), specs,
                         is_leaf=lambda x: isinstance(x, P))
 

@@ -119,7 +119,8 @@ class Trainer:
 
         self._init_state = init_state
         self.abstract_state = jax.eval_shape(init_state, 0)
-        self.state_shardings = sharding_lib.state_shardings(self.abstract_state, self.mesh)
+        self.state_shardings = sharding_lib.state_shardings(self.abstract_state, self.mesh,
+                                                            config.mesh.get("fsdp_min_size", None))
         self.batch_sharding = sharding_lib.batch_sharding(self.mesh)
         self.step_fn = make_train_step(self.loss_fn, tx, self.schedule, decays)
         self.train_step = jax.jit(

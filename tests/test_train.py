@@ -102,6 +102,23 @@ def test_sharded_step_matches_single_device():
     assert len(jax.tree.leaves(st8.params)[0].sharding.device_set) == 8
 
 
+def test_fsdp_step_matches_single_device():
+    c = tiny()
+    c.mesh.fsdp = 2
+    c.mesh.fsdp_min_size = 256  # shard the tiny model's larger matrices over "fsdp"
+    st, m = _two_steps(c, sharding.make_mesh(c.mesh))
+    sharded = [x for x in jax.tree.leaves(st.params) if not x.sharding.is_fully_replicated]
+    assert sharded, "expected some parameters sharded over fsdp"
+    # optimizer moments follow their parameters' layout
+    assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(st.opt_state))
+    c1 = tiny()
+    st1, m1 = _two_steps(c1, sharding.make_mesh(c1.mesh, devices=jax.devices()[:1]))
+    for a, b in zip(m, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+    for x, y in zip(leaves(st.params), leaves(st1.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+
+
 def test_retrace_is_refused():
     c = tiny()
     tr = train.Trainer(c)
