@@ -24,8 +24,10 @@ SQ = math.sqrt(0.5)
 
 # --------------------------------------------------------------------- official-layout generators
 
-def edm_unet_state(rs, cfg):
-    """(state_dict in torch layout, module order) for an EDM SongUNet + IMM s path, standard enc/dec."""
+def edm_unet_state(rs, cfg, zeros=False):
+    """(state_dict in torch layout, module order) for an EDM SongUNet + IMM s path, standard enc/dec.
+
+    zeros=True gives zero-stride views instead of random values (full-size key/shape checks, no memory)."""
     sd, order = {}, []
     mc, img, cin0 = cfg.model_channels, cfg.image_size, cfg.in_channels
     noise, emb = mc * cfg.channel_mult_noise, mc * cfg.channel_mult_emb
@@ -33,6 +35,8 @@ def edm_unet_state(rs, cfg):
     filt = (np.outer(f, f) / f.sum() ** 2)[None, None].astype(np.float32)
 
     def w(*shape, fan_in):
+        if zeros:
+            return np.broadcast_to(np.float32(0), shape)
         return (rs.standard_normal(shape) / np.sqrt(fan_in)).astype(np.float32)
 
     def lin(name, i, o):
@@ -42,8 +46,7 @@ def edm_unet_state(rs, cfg):
         sd[name + ".weight"], sd[name + ".bias"] = w(o, i, k, k, fan_in=i * k * k), w(o, fan_in=10)
 
     def norm(name, c):
-        sd[name + ".weight"] = (1 + 0.1 * rs.standard_normal(c)).astype(np.float32)
-        sd[name + ".bias"] = (0.1 * rs.standard_normal(c)).astype(np.float32)
+        sd[name + ".weight"], sd[name + ".bias"] = 1 + w(c, fan_in=100), w(c, fan_in=100)
 
     def block(name, i, o, up=False, down=False, attn=False):
         norm(name + ".norm0", i)
@@ -114,8 +117,10 @@ def mae_pos_embed(d, g):
     return np.concatenate([one_d(d // 2, grid[0]), one_d(d // 2, grid[1])], axis=1)
 
 
-def official_dit_state(rs, img, c, d, depth, p, k, mlp_ratio=4.0):
+def official_dit_state(rs, img, c, d, depth, p, k, mlp_ratio=4.0, zeros=False):
     def w(*shape):
+        if zeros:
+            return np.broadcast_to(np.float32(0), shape)
         return (rs.standard_normal(shape) / np.sqrt(shape[-1] if len(shape) > 1 else 10)).astype(np.float32)
 
     hid = int(d * mlp_ratio)
@@ -341,6 +346,20 @@ def test_dit_every_key_consumed_and_forward_matches_numpy():
     ours = np.asarray(jax.jit(net.apply)({"params": params}, x, t, s, y))
     ref = np_dit(sd, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, y, 2, 2).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+
+
+def test_full_size_official_key_sets():
+    # DiT-XL/2 (ImageNet, 1001-row label table) and the CIFAR-10 DDPM++ at their real shapes; zero-stride
+    # arrays keep this free of memory and compute.
+    cfg = networks.dit_config("XL/2", image_size=32, in_channels=4, num_classes=1000)
+    sd = official_dit_state(None, 32, 4, 1152, 28, 2, 1000, zeros=True)
+    assert len(sd) == 28 * 10 + 16  # blocks; x_embedder 2, pos_embed, table, final 4, t/s embedders 8
+    params = convert.convert_state_dict({"model." + k: v for k, v in sd.items()}, cfg)
+    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(params)) == 676_440_592
+    ucfg = networks.unet_config()
+    usd, _ = edm_unet_state(None, ucfg, zeros=True)
+    uparams = convert.convert_state_dict(usd, ucfg)
+    assert sum(int(np.prod(v.shape)) for v in jax.tree.leaves(uparams)) == 56_061_443
 
 
 def test_mismatches_fail_loudly():
