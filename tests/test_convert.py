@@ -581,6 +581,11 @@ def test_cli_npz_and_safetensors_to_sampling_checkpoint(tmp_path):
         params = emas["0.9999"]
         np.testing.assert_array_equal(np.asarray(params["blocks_1"]["attn"]["qkv"]["kernel"]),
                                       sd["blocks.1.attn.qkv.weight"].T)
+    # The sampling API loads the converted checkpoint and generates (guided, 1 step).
+    import imm_jax
+    sampler = imm_jax.load(str(out))
+    x = sampler.generate(jax.random.key(0), labels=[0, 5], steps=1, cfg_scale=1.5)
+    assert x.shape == (2, 8, 8, 4) and bool(jnp.all(jnp.isfinite(x)))
 
 
 def _repo_configs():
