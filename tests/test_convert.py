@@ -623,3 +623,24 @@ def test_real_torch_files_read_identically(tmp_path):
     got = convert.extract_state_dict(convert.load_file(str(tmp_path / "net.pkl")))
     for k in want:
         np.testing.assert_array_equal(got[k], want[k].astype(np.float16))
+
+
+@pytest.mark.slow
+def test_full_size_cifar_unet_and_dit_s2_forward_match_numpy():
+    # Real-size networks with random official-layout weights: CIFAR-10 DDPM++ (1 head at 16x16) and DiT-S/2.
+    rs = np.random.RandomState(7)
+    cfg = networks.unet_config()
+    sd, order = edm_unet_state(rs, cfg)
+    params = convert.convert_state_dict(sd, cfg)
+    x, t, s, _ = _inputs(rs, 1, 32, 3, 0)
+    ours = np.asarray(jax.jit(networks.build(cfg).apply)({"params": params}, x, t, s))
+    ref = np_unet(sd, order, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, None, cfg).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+    dcfg = networks.dit_config("S/2", image_size=32, in_channels=4, num_classes=1000)
+    dsd = official_dit_state(rs, 32, 4, 384, 12, 2, 1000)
+    dparams = convert.convert_state_dict(dsd, dcfg)
+    x, t, s, y = _inputs(rs, 2, 32, 4, 1000)
+    ours = np.asarray(jax.jit(networks.build(dcfg).apply)({"params": dparams}, x, t, s, y))
+    ref = np_dit(dsd, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, y, 2, 6).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
