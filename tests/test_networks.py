@@ -346,6 +346,31 @@ def test_unet_positional_embedding_numpy():
     np.testing.assert_allclose(emb, np.concatenate([np.sin(args), np.cos(args)], 1), atol=2e-5)
 
 
+@pytest.mark.parametrize("family", ["dit", "unet"])
+def test_remat_keeps_params_and_gradients(family):
+    make, k, ch = (tiny_dit, 10, 4) if family == "dit" else (
+        lambda **kw: tiny_unet(dropout=0.3, channel_mult=(1,), attn_resolutions=(8,), **kw), 0, 3)
+    nets = [networks.build(make(remat=r)) for r in (False, True)]
+    x, t, s, y = _inputs(2, 8, ch, k)
+    params = _random_params(nets[0], x, t, s, y)
+    assert _paths_of(jax.eval_shape(lambda: nets[1].init(jax.random.key(0), x, t, s, y))["params"]) == \
+        _paths_of(params)
+
+    def grad(net):
+        loss = lambda p: jnp.sum(net.apply({"params": p}, x, t, s, y, train=True,  # noqa: E731
+                                           rngs={"dropout": jax.random.key(3)}) ** 2)
+        return jax.jit(jax.grad(loss))(params)
+    g0, g1 = grad(nets[0]), grad(nets[1])
+    # Same math, differently fused float32 programs: agreement to rounding (1e-5 of each leaf's scale).
+    for a, b in zip(jax.tree.leaves(g0), jax.tree.leaves(g1)):
+        a, b = np.asarray(a), np.asarray(b)
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-5 * np.abs(a).max())
+
+
+def _paths_of(tree):
+    return sorted(jax.tree_util.keystr(p) for p, _ in jax.tree_util.tree_flatten_with_path(tree)[0])
+
+
 def test_registry_is_explicit():
     assert set(networks.REGISTRY) == {"unet", "dit"}
     assert isinstance(networks.build(networks.unet_config()), unet_lib.SongUNet)

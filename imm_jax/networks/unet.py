@@ -59,6 +59,7 @@ DEFAULTS = dict(
     init_zero_scale=1e-5,            # conv1, proj and aux_conv: xavier x this
     init_attn_scale=math.sqrt(0.2),  # qkv: xavier x this
     s_embed=True,                    # IMM's separate embedding of the second time input
+    remat=False,                     # rematerialise blocks in the backward pass (memory for compute)
 )
 
 PRESETS = {
@@ -258,6 +259,7 @@ class SongUNet(nn.Module):
     init_zero_scale: float
     init_attn_scale: float
     s_embed: bool
+    remat: bool
     dtype: str
 
     def _noise_embedding(self, t: jax.Array, seed_offset: int) -> jax.Array:
@@ -294,6 +296,8 @@ class SongUNet(nn.Module):
                      eps=self.norm_eps, resample_filter=tuple(self.resample_filter),
                      init_zero_scale=self.init_zero_scale, init_attn_scale=self.init_attn_scale)
         rf = tuple(self.resample_filter)
+        # static_argnums counts `self` as 0: (x, emb, train) -> train is 3.
+        UNetBlock_ = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat else UNetBlock  # noqa: N806
 
         # Encoder.
         skips = []
@@ -308,7 +312,7 @@ class SongUNet(nn.Module):
                 hcur = Conv2d(cout, 3, dt, name=f"{tag}_conv")(hcur)
                 skips.append(hcur)
             else:
-                hcur = UNetBlock(cout, down=True, name=f"{tag}_down", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, down=True, name=f"{tag}_down", **block)(hcur, emb, train)
                 skips.append(hcur)
                 if self.encoder_type == "skip":
                     aux = Conv2d(0, 0, dt, down=True, resample_filter=rf, name=f"{tag}_aux_down")(aux)
@@ -319,7 +323,7 @@ class SongUNet(nn.Module):
                     hcur = skips[-1] = aux = (hcur + res_out) / math.sqrt(2.0)
             for idx in range(self.num_blocks):
                 cout = mc * mult
-                hcur = UNetBlock(cout, attention=res in self.attn_resolutions, name=f"{tag}_block{idx}",
+                hcur = UNetBlock_(cout, attention=res in self.attn_resolutions, name=f"{tag}_block{idx}",
                                  **block)(hcur, emb, train)
                 skips.append(hcur)
 
@@ -331,15 +335,15 @@ class SongUNet(nn.Module):
             res = self.image_size >> level
             tag = f"dec_{res}x{res}"
             if level == levels - 1:
-                hcur = UNetBlock(cout, attention=True, name=f"{tag}_in0", **block)(hcur, emb, train)
-                hcur = UNetBlock(cout, name=f"{tag}_in1", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, attention=True, name=f"{tag}_in0", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, name=f"{tag}_in1", **block)(hcur, emb, train)
             else:
-                hcur = UNetBlock(cout, up=True, name=f"{tag}_up", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, up=True, name=f"{tag}_up", **block)(hcur, emb, train)
             for idx in range(self.num_blocks + 1):
                 hcur = jnp.concatenate([hcur, skips.pop().astype(hcur.dtype)], axis=-1)
                 cout = mc * mult
                 attn = idx == self.num_blocks and res in self.attn_resolutions
-                hcur = UNetBlock(cout, attention=attn, name=f"{tag}_block{idx}", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, attention=attn, name=f"{tag}_block{idx}", **block)(hcur, emb, train)
             if self.decoder_type == "skip" or level == 0:
                 if self.decoder_type == "skip" and level < levels - 1:
                     aux = Conv2d(0, 0, dt, up=True, resample_filter=rf, name=f"{tag}_aux_up")(aux)
