@@ -38,7 +38,10 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
 
     q, k, v: (B, N, heads, head_dim) in the trunk dtype. Returns (B, N, heads, head_dim) in v's dtype.
     """
+    # Heads-major einsums: measured ~1.5x faster forward on XLA:CPU (DiT-S/2) than contracting in
+    # (B, N, heads, d) layout directly, and on par with jax.nn.dot_product_attention's backward.
+    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
     scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bkhd->bqhd", weights, v)
+    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
