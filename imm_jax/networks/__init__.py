@@ -11,6 +11,13 @@ rng stream "dropout". G: float32, x's shape.
 
 Models are chosen by `model.name` from the explicit `REGISTRY`; config helpers `dit_config` and
 `unet_config` return a complete `model` ConfigDict.
+
+Per-layer conditioning (time-embedding tuning, `imm_jax.tuning`): both modules take an optional
+`cond_override` of shape (L, D) or (L, B, D), L = `net.num_cond_layers`, that gives every layer reading the
+shared conditioning vector its own time part instead (DiT: blocks then final layer, D = hidden_size, label
+embedding still added; UNet: every UNetBlock in call order, D = model_channels * channel_mult_emb,
+unconditional models only). Omitted (None) the default path is unchanged. The model's own time part is
+sown as ("intermediates", "time_cond"); `cond_layout` and `time_condition` below read both.
 """
 from __future__ import annotations
 
@@ -84,6 +91,25 @@ def unet_config(*, image_size: int = 32, in_channels: int = 3, num_classes: int 
     return cfg
 
 
+def cond_layout(net: nn.Module) -> tuple[int, int]:
+    """(L, D) of a `cond_override` for this module: conditioned layers and conditioning width."""
+    if isinstance(net, dit.DiT):
+        return net.num_cond_layers, net.hidden_size
+    if isinstance(net, unet.SongUNet):
+        return net.num_cond_layers, net.model_channels * net.channel_mult_emb
+    raise TypeError(f"cond_override is implemented for DiT and SongUNet, not {type(net).__name__}")
+
+
+def time_condition(net: nn.Module, params, x, t_in, s_in, labels=None):
+    """The model's own time part of the conditioning, (B, D) float32, as layers would read it.
+
+    Runs the network once (default path) and returns the sown ("intermediates", "time_cond").
+    """
+    _, state = net.apply({"params": params}, x, t_in, s_in, labels=labels, train=False,
+                         mutable=["intermediates"])
+    return state["intermediates"]["time_cond"][0]
+
+
 def _apply_overrides(cfg: config_dict.ConfigDict, overrides: dict) -> None:
     for key, value in overrides.items():
         if key not in cfg:
@@ -91,4 +117,4 @@ def _apply_overrides(cfg: config_dict.ConfigDict, overrides: dict) -> None:
         setattr(cfg, key, value)
 
 
-__all__ = ["REGISTRY", "build", "dit_config", "unet_config"]
+__all__ = ["REGISTRY", "build", "cond_layout", "dit_config", "time_condition", "unet_config"]

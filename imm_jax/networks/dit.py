@@ -186,8 +186,21 @@ class DiT(nn.Module):
         if self.hidden_size % self.num_heads:
             raise ValueError(f"hidden_size {self.hidden_size} is not divisible by num_heads {self.num_heads}")
 
+    @property
+    def num_cond_layers(self) -> int:
+        """Layers that read the conditioning vector: the `depth` blocks, then the final layer."""
+        return self.depth + 1
+
     @nn.compact
-    def __call__(self, x, t_in, s_in, labels=None, train: bool = False):
+    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None):
+        """G (B, H, W, C) float32; see the module docstring.
+
+        cond_override: None (default path), or float32 (L, D) / (L, B, D) with L = `num_cond_layers`,
+        D = hidden_size: layer l reads SiLU(cond_override[l] + y_embedder(labels)) instead of
+        SiLU(t_embedder(t_in) + s_embedder(s_in) + y_embedder(labels)); the time embedders are then
+        skipped (t_in/s_in unused). The time part t_embedder + s_embedder is sown as
+        ("intermediates", "time_cond") (B, D) when that collection is mutable.
+        """
         del train  # DiT uses no dropout (labels are dropped outside the model).
         self.setup_checks(x)
         dtype = layers.compute_dtype(self.dtype)
@@ -199,18 +212,27 @@ class DiT(nn.Module):
         tokens = PatchEmbed(p, d, dtype, name="x_embedder")(x)
         tokens = tokens + jnp.asarray(pos_embed_2d(d, g), dtype)[None]
 
-        c = embeddings.TimestepEmbedder(d, name="t_embedder")(t_in)
-        if self.s_embed:
-            c = c + embeddings.TimestepEmbedder(d, name="s_embedder")(s_in)
-        if self.num_classes:
-            c = c + embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
-        c_act = nn.silu(c)
+        if cond_override is None:
+            c = embeddings.TimestepEmbedder(d, name="t_embedder")(t_in)
+            if self.s_embed:
+                c = c + embeddings.TimestepEmbedder(d, name="s_embedder")(s_in)
+            self.sow("intermediates", "time_cond", c)
+            if self.num_classes:
+                c = c + embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
+            c_act = nn.silu(c)
+            layer_conds = [c_act] * (self.depth + 1)
+        else:
+            override = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, d, "DiT")
+            y = (embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
+                 if self.num_classes else None)
+            layer_conds = [nn.silu(override[i] if y is None else override[i] + y)
+                           for i in range(self.depth + 1)]
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            tokens = block_cls(self.num_heads, self.mlp_ratio, dtype, name=f"blocks_{i}")(tokens, c_act)
+            tokens = block_cls(self.num_heads, self.mlp_ratio, dtype, name=f"blocks_{i}")(tokens, layer_conds[i])
 
-        out = FinalLayer(p, self.in_channels, name="final_layer")(tokens, c_act)
+        out = FinalLayer(p, self.in_channels, name="final_layer")(tokens, layer_conds[self.depth])
         out = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
         return out.reshape(b, self.image_size, self.image_size, self.in_channels).astype(jnp.float32)
 

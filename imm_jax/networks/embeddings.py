@@ -129,3 +129,20 @@ def check_labels(labels, num_classes: int, batch: int, model: str):
         raise ValueError(f"{model}: labels must be integer class ids (null = {num_classes}), "
                          f"got dtype {labels.dtype}; convert one-hot labels with argmax")
     return labels.astype(jnp.int32)
+
+
+def check_cond_override(cond_override, num_layers: int, batch: int, width: int, model: str) -> jax.Array:
+    """Validates a per-layer conditioning override; returns it float32 as (L, B, width).
+
+    Accepted shapes: (L, width), one vector per layer shared by the batch, or (L, B, width). Shared
+    vectors are broadcast over the batch so that every layer sees the same shapes as on the default path
+    (a (1, width) matmul may round differently from a (B, width) one).
+    """
+    e = jnp.asarray(cond_override)
+    if e.ndim == 2:
+        e = e[:, None, :]
+    if e.ndim != 3 or e.shape[0] != num_layers or e.shape[2] != width or e.shape[1] not in (1, batch):
+        raise ValueError(f"{model}: cond_override must have shape ({num_layers}, {width}) or "
+                         f"({num_layers}, {batch}, {width}) (one conditioning vector per layer that reads "
+                         f"it), got {jnp.shape(cond_override)}")
+    return jnp.broadcast_to(e.astype(jnp.float32), (num_layers, batch, width))

@@ -269,8 +269,23 @@ class SongUNet(nn.Module):
         freqs = embeddings.fourier_frequencies(width, self.fourier_scale, self.fourier_seed + seed_offset)
         return embeddings.fourier_embedding(t, freqs, sin_first=True)
 
+    @property
+    def num_cond_layers(self) -> int:
+        """UNetBlocks, each reading the embedding, in call order (encoder, then decoder)."""
+        levels, nb = len(self.channel_mult), self.num_blocks
+        return levels * nb + (levels - 1) + 2 + (levels - 1) + levels * (nb + 1)
+
     @nn.compact
-    def __call__(self, x, t_in, s_in, labels=None, train: bool = False):
+    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None):
+        """G (B, H, W, C) float32; see the module docstring.
+
+        cond_override: None (default path), or float32 (L, E) / (L, B, E) with L = `num_cond_layers`,
+        E = model_channels * channel_mult_emb: the l-th UNetBlock (call order) reads SiLU(cond_override[l])
+        instead of the shared SiLU(emb_t + emb_s); the embedding MLPs are then skipped. Unconditional
+        models only (the label enters inside the t MLP, so it cannot be kept apart from the time part).
+        The pre-SiLU emb_t + emb_s (B, E) is sown as ("intermediates", "time_cond") when that collection
+        is mutable.
+        """
         b, h, w, c = x.shape
         if (h, w, c) != (self.image_size, self.image_size, self.in_channels):
             raise ValueError(f"UNet expects NHWC input (B, {self.image_size}, {self.image_size}, "
@@ -281,16 +296,31 @@ class SongUNet(nn.Module):
         mc = self.model_channels
 
         # Conditioning path, float32 / HIGHEST.
-        emb = self._noise_embedding(t_in, 0)
-        if self.num_classes:
-            onehot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)  # null -> zeros
-            emb = emb + embeddings.dense32(emb.shape[-1], "map_label")(onehot * np.sqrt(self.num_classes))
-        emb = embeddings.dense32(emb_ch, "map_layer1")(nn.silu(embeddings.dense32(emb_ch, "map_layer0")(emb)))
-        if self.s_embed:
-            emb_s = self._noise_embedding(s_in, 1)
-            emb_s = embeddings.dense32(emb_ch, "map_layer0_s")(emb_s)
-            emb = emb + embeddings.dense32(emb_ch, "map_layer1_s")(nn.silu(emb_s))
-        emb = nn.silu(emb)
+        if cond_override is None:
+            emb = self._noise_embedding(t_in, 0)
+            if self.num_classes:
+                onehot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)  # null -> zeros
+                emb = emb + embeddings.dense32(emb.shape[-1], "map_label")(onehot * np.sqrt(self.num_classes))
+            emb = embeddings.dense32(emb_ch, "map_layer1")(nn.silu(embeddings.dense32(emb_ch, "map_layer0")(emb)))
+            if self.s_embed:
+                emb_s = self._noise_embedding(s_in, 1)
+                emb_s = embeddings.dense32(emb_ch, "map_layer0_s")(emb_s)
+                emb = emb + embeddings.dense32(emb_ch, "map_layer1_s")(nn.silu(emb_s))
+            self.sow("intermediates", "time_cond", emb)
+            emb = nn.silu(emb)
+            overrides = None
+        else:
+            if self.num_classes:
+                raise ValueError("UNet: cond_override is supported for unconditional models only "
+                                 "(num_classes == 0): the label enters the time MLP (map_label) and cannot be "
+                                 "kept apart from the time part.")
+            overrides = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, emb_ch, "UNet")
+            emb = None
+        layer = [0]
+
+        def emb_next():  # the embedding the next UNetBlock (in call order) reads
+            layer[0] += 1
+            return emb if overrides is None else nn.silu(overrides[layer[0] - 1])
 
         block = dict(dtype=dt, num_heads=self.num_heads, dropout=self.dropout, skip_scale=self.skip_scale,
                      eps=self.norm_eps, resample_filter=tuple(self.resample_filter),
@@ -312,7 +342,7 @@ class SongUNet(nn.Module):
                 hcur = Conv2d(cout, 3, dt, name=f"{tag}_conv")(hcur)
                 skips.append(hcur)
             else:
-                hcur = UNetBlock_(cout, down=True, name=f"{tag}_down", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, down=True, name=f"{tag}_down", **block)(hcur, emb_next(), train)
                 skips.append(hcur)
                 if self.encoder_type == "skip":
                     aux = Conv2d(0, 0, dt, down=True, resample_filter=rf, name=f"{tag}_aux_down")(aux)
@@ -324,7 +354,7 @@ class SongUNet(nn.Module):
             for idx in range(self.num_blocks):
                 cout = mc * mult
                 hcur = UNetBlock_(cout, attention=res in self.attn_resolutions, name=f"{tag}_block{idx}",
-                                 **block)(hcur, emb, train)
+                                 **block)(hcur, emb_next(), train)
                 skips.append(hcur)
 
         # Decoder.
@@ -335,15 +365,15 @@ class SongUNet(nn.Module):
             res = self.image_size >> level
             tag = f"dec_{res}x{res}"
             if level == levels - 1:
-                hcur = UNetBlock_(cout, attention=True, name=f"{tag}_in0", **block)(hcur, emb, train)
-                hcur = UNetBlock_(cout, name=f"{tag}_in1", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, attention=True, name=f"{tag}_in0", **block)(hcur, emb_next(), train)
+                hcur = UNetBlock_(cout, name=f"{tag}_in1", **block)(hcur, emb_next(), train)
             else:
-                hcur = UNetBlock_(cout, up=True, name=f"{tag}_up", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, up=True, name=f"{tag}_up", **block)(hcur, emb_next(), train)
             for idx in range(self.num_blocks + 1):
                 hcur = jnp.concatenate([hcur, skips.pop().astype(hcur.dtype)], axis=-1)
                 cout = mc * mult
                 attn = idx == self.num_blocks and res in self.attn_resolutions
-                hcur = UNetBlock_(cout, attention=attn, name=f"{tag}_block{idx}", **block)(hcur, emb, train)
+                hcur = UNetBlock_(cout, attention=attn, name=f"{tag}_block{idx}", **block)(hcur, emb_next(), train)
             if self.decoder_type == "skip" or level == 0:
                 if self.decoder_type == "skip" and level < levels - 1:
                     aux = Conv2d(0, 0, dt, up=True, resample_filter=rf, name=f"{tag}_aux_up")(aux)
@@ -351,6 +381,7 @@ class SongUNet(nn.Module):
                 tmp = Conv2d(self.in_channels, 3, dt, init_scale=self.init_zero_scale,
                              name=f"{tag}_aux_conv")(tmp)
                 aux = tmp if aux is None else tmp + aux
+        assert layer[0] == self.num_cond_layers, (layer[0], self.num_cond_layers)
         return aux.astype(jnp.float32)
 
 
