@@ -9,6 +9,17 @@ import subprocess
 import sys
 import time
 
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def load_config(name: str, arg=None):
+    """configs/<name>.py's get_config(arg), loaded by path (bench scripts run from any directory)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.get_config(arg)
+
 
 def set_cpu_devices(n: int):
     """Fake n CPU devices; must run before jax is imported."""
