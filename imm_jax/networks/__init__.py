@@ -16,8 +16,10 @@ Per-layer conditioning (time-embedding tuning, `imm_jax.tuning`): both modules t
 `cond_override` of shape (L, D) or (L, B, D), L = `net.num_cond_layers`, that gives every layer reading the
 shared conditioning vector its own time part instead (DiT: blocks then final layer, D = hidden_size, label
 embedding still added; UNet: every UNetBlock in call order, D = model_channels * channel_mult_emb,
-unconditional models only). Omitted (None) the default path is unchanged. The model's own time part is
-sown as ("intermediates", "time_cond"); `cond_layout` and `time_condition` below read both.
+unconditional models only). `cond_offset` (same shapes) adds a per-layer vector to the model's own time
+part instead (UNet: also class-conditional); a zero offset is the default path exactly. Omitted (None)
+the default path is unchanged. The model's own time part is sown as ("intermediates", "time_cond");
+`cond_layout` and `time_condition` below read both.
 """
 from __future__ import annotations
 

@@ -192,14 +192,19 @@ class DiT(nn.Module):
         return self.depth + 1
 
     @nn.compact
-    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None):
+    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None,
+                 cond_offset=None):
         """G (B, H, W, C) float32; see the module docstring.
 
         cond_override: None (default path), or float32 (L, D) / (L, B, D) with L = `num_cond_layers`,
         D = hidden_size: layer l reads SiLU(cond_override[l] + y_embedder(labels)) instead of
         SiLU(t_embedder(t_in) + s_embedder(s_in) + y_embedder(labels)); the time embedders are then
-        skipped (t_in/s_in unused). The time part t_embedder + s_embedder is sown as
-        ("intermediates", "time_cond") (B, D) when that collection is mutable.
+        skipped (t_in/s_in unused).
+        cond_offset: same shapes, additive instead: layer l reads
+        SiLU(t_embedder(t_in) + s_embedder(s_in) + cond_offset[l] + y_embedder(labels)); a zero offset
+        reproduces the default path exactly. At most one of the two.
+        The time part t_embedder + s_embedder is sown as ("intermediates", "time_cond") (B, D) when that
+        collection is mutable.
         """
         del train  # DiT uses no dropout (labels are dropped outside the model).
         self.setup_checks(x)
@@ -212,21 +217,26 @@ class DiT(nn.Module):
         tokens = PatchEmbed(p, d, dtype, name="x_embedder")(x)
         tokens = tokens + jnp.asarray(pos_embed_2d(d, g), dtype)[None]
 
+        if cond_override is not None and cond_offset is not None:
+            raise ValueError("DiT: pass cond_override or cond_offset, not both")
         if cond_override is None:
             c = embeddings.TimestepEmbedder(d, name="t_embedder")(t_in)
             if self.s_embed:
                 c = c + embeddings.TimestepEmbedder(d, name="s_embedder")(s_in)
             self.sow("intermediates", "time_cond", c)
+        if cond_override is None and cond_offset is None:
             if self.num_classes:
                 c = c + embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
             c_act = nn.silu(c)
             layer_conds = [c_act] * (self.depth + 1)
         else:
-            override = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, d, "DiT")
+            if cond_override is not None:
+                times = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, d, "DiT")
+            else:
+                times = c[None] + embeddings.check_cond_override(cond_offset, self.num_cond_layers, b, d, "DiT")
             y = (embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
                  if self.num_classes else None)
-            layer_conds = [nn.silu(override[i] if y is None else override[i] + y)
-                           for i in range(self.depth + 1)]
+            layer_conds = [nn.silu(times[i] if y is None else times[i] + y) for i in range(self.depth + 1)]
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):

@@ -276,14 +276,17 @@ class SongUNet(nn.Module):
         return levels * nb + (levels - 1) + 2 + (levels - 1) + levels * (nb + 1)
 
     @nn.compact
-    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None):
+    def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None,
+                 cond_offset=None):
         """G (B, H, W, C) float32; see the module docstring.
 
         cond_override: None (default path), or float32 (L, E) / (L, B, E) with L = `num_cond_layers`,
         E = model_channels * channel_mult_emb: the l-th UNetBlock (call order) reads SiLU(cond_override[l])
         instead of the shared SiLU(emb_t + emb_s); the embedding MLPs are then skipped. Unconditional
         models only (the label enters inside the t MLP, so it cannot be kept apart from the time part).
-        The pre-SiLU emb_t + emb_s (B, E) is sown as ("intermediates", "time_cond") when that collection
+        cond_offset: same shapes, additive instead: block l reads SiLU(emb_t + emb_s + cond_offset[l])
+        (labels, if any, stay inside emb_t as before); a zero offset reproduces the default path exactly.
+        At most one of the two. The pre-SiLU emb_t + emb_s (B, E) is sown as ("intermediates", "time_cond") when that collection
         is mutable.
         """
         b, h, w, c = x.shape
@@ -296,6 +299,8 @@ class SongUNet(nn.Module):
         mc = self.model_channels
 
         # Conditioning path, float32 / HIGHEST.
+        if cond_override is not None and cond_offset is not None:
+            raise ValueError("UNet: pass cond_override or cond_offset, not both")
         if cond_override is None:
             emb = self._noise_embedding(t_in, 0)
             if self.num_classes:
@@ -307,8 +312,11 @@ class SongUNet(nn.Module):
                 emb_s = embeddings.dense32(emb_ch, "map_layer0_s")(emb_s)
                 emb = emb + embeddings.dense32(emb_ch, "map_layer1_s")(nn.silu(emb_s))
             self.sow("intermediates", "time_cond", emb)
-            emb = nn.silu(emb)
             overrides = None
+            if cond_offset is not None:
+                overrides = emb[None] + embeddings.check_cond_override(cond_offset, self.num_cond_layers, b,
+                                                                       emb_ch, "UNet")
+            emb = nn.silu(emb)
         else:
             if self.num_classes:
                 raise ValueError("UNet: cond_override is supported for unconditional models only "
