@@ -227,16 +227,18 @@ class DiT(nn.Module):
         if cond_override is None and cond_offset is None:
             if self.num_classes:
                 c = c + embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
-            c_act = nn.silu(c)
+            c_act = embeddings.silu_materialised(c)
             layer_conds = [c_act] * (self.depth + 1)
         else:
             if cond_override is not None:
-                times = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, d, "DiT")
+                e = embeddings.check_cond_override(cond_override, self.num_cond_layers, b, d, "DiT")
+                times = [e[i] for i in range(self.depth + 1)]
             else:
-                times = c[None] + embeddings.check_cond_override(cond_offset, self.num_cond_layers, b, d, "DiT")
+                e = embeddings.check_cond_override(cond_offset, self.num_cond_layers, b, d, "DiT")
+                times = [c + e[i] for i in range(self.depth + 1)]
             y = (embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
                  if self.num_classes else None)
-            layer_conds = [nn.silu(times[i] if y is None else times[i] + y) for i in range(self.depth + 1)]
+            layer_conds = [embeddings.silu_materialised(ti if y is None else ti + y) for ti in times]
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):

@@ -316,7 +316,7 @@ class SongUNet(nn.Module):
             if cond_offset is not None:
                 overrides = emb[None] + embeddings.check_cond_override(cond_offset, self.num_cond_layers, b,
                                                                        emb_ch, "UNet")
-            emb = nn.silu(emb)
+            emb = embeddings.silu_materialised(emb)
         else:
             if self.num_classes:
                 raise ValueError("UNet: cond_override is supported for unconditional models only "
@@ -328,7 +328,7 @@ class SongUNet(nn.Module):
 
         def emb_next():  # the embedding the next UNetBlock (in call order) reads
             layer[0] += 1
-            return emb if overrides is None else nn.silu(overrides[layer[0] - 1])
+            return emb if overrides is None else embeddings.silu_materialised(overrides[layer[0] - 1])
 
         block = dict(dtype=dt, num_heads=self.num_heads, dropout=self.dropout, skip_scale=self.skip_scale,
                      eps=self.norm_eps, resample_filter=tuple(self.resample_filter),
