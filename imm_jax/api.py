@@ -8,6 +8,8 @@ A checkpoint is a training workdir, its `checkpoints/` directory, one step direc
     sampler = imm_jax.load("runs/fmnist")                                    # compile once, reuse
     grid1 = sampler(16, steps=1, labels=[0] * 16)
     grid8 = sampler(16, preset="imagenet-8step", ...)                       # presets mirror the paper
+    tuned = imm_jax.load("runs/fmnist", tuned=True)       # + time embeddings tuned by imm_jax.tuning
+    imgs = tuned(16, steps=2, labels=[0] * 16)            # error unless a set matches sampler/steps/grid
 
 Sampling runs data-parallel over all local devices (a 1-D mesh; params replicated); the batch is padded
 to a multiple of the device count. One compilation per (steps, batch, sampler, guided) is kept and reused.
@@ -57,7 +59,8 @@ class Sampler:
       num_compiles: how many sampling programs have been traced so far.
     """
 
-    def __init__(self, config, params, *, ema: str = "", vae_path: Optional[str] = None, devices=None):
+    def __init__(self, config, params, *, ema: str = "", vae_path: Optional[str] = None, devices=None,
+                 tuned=None):
         self.config = config
         self.ema = ema
         self.net = networks.build(config.model)
@@ -73,32 +76,44 @@ class Sampler:
         self.num_compiles = 0
         self._vae = None
         self._vae_path = vae_path
+        # Tuned time embeddings (imm_jax.tuning.TunedVectors), used for the matching sampler and grid.
+        self.tuned = list(tuned or [])
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = None,
-                        vae_path: Optional[str] = None) -> "Sampler":
+                        vae_path: Optional[str] = None, tuned=None) -> "Sampler":
         from imm_jax import checkpointing
         config, emas = checkpointing.restore_for_sampling(checkpoint, step=step)
         key, params = _pick_ema(emas, ema, config)
-        return cls(config, params, ema=key, vae_path=vae_path)
+        return cls(config, params, ema=key, vae_path=vae_path, tuned=_load_tuned(tuned, checkpoint, step))
 
     # -- the compiled core -----------------------------------------------------------------------------
 
-    def _program(self, steps: int, batch: int, sampler: str, guided: bool):
-        key = (steps, batch, sampler, guided)
+    def _program(self, steps: int, batch: int, sampler: str, guided: bool, tuned: bool = False):
+        key = (steps, batch, sampler, guided) + ((True,) if tuned else ())
         if key not in self._programs:
             net, obj, shape = self.net, self.objective, (batch,) + self.shape
 
-            def run(params, rng, labels, grid, cfg_scale):
+            def run(params, rng, labels, grid, cfg_scale, offsets=None):
                 self.num_compiles += 1  # runs at trace time only
                 return sampling.generate(net, params, rng, shape, objective=obj, grid=grid, labels=labels,
-                                         cfg_scale=cfg_scale if guided else None, sampler=sampler)
+                                         cfg_scale=cfg_scale if guided else None, sampler=sampler,
+                                         cond_offset=offsets)
 
             rep, bat = self._replicated, self._batch_sharding
             labels_sharding = None if self.num_classes == 0 else bat
-            self._programs[key] = jax.jit(run, in_shardings=(rep, rep, labels_sharding, rep, rep),
-                                          out_shardings=bat)
+            shardings = (rep, rep, labels_sharding, rep, rep) + ((rep,) if tuned else ())
+            self._programs[key] = jax.jit(run, in_shardings=shardings, out_shardings=bat)
         return self._programs[key]
+
+    def tuned_for(self, steps: int, grid: str = "uniform", mid_etas: Optional[Sequence[float]] = None,
+                  sampler: str = "pushforward"):
+        """The loaded TunedVectors for this sampler and grid; ValueError if none matches."""
+        from imm_jax import tuning
+        if not self.tuned:
+            raise ValueError("no tuned time embeddings are loaded: use imm_jax.load(checkpoint, tuned=True) "
+                             "(sets saved beside the checkpoint by python -m imm_jax.tuning).")
+        return tuning.select(self.tuned, sampler, self.time_grid(steps, grid, mid_etas))
 
     def time_grid(self, steps: int, grid: str = "uniform", mid_etas: Optional[Sequence[float]] = None):
         o = self.objective
@@ -107,8 +122,13 @@ class Sampler:
 
     def generate(self, rng, labels=None, *, steps: int = 1, grid: str = "uniform",
                  mid_etas: Optional[Sequence[float]] = None, sampler: str = "pushforward",
-                 cfg_scale: Optional[float] = None, batch_size: Optional[int] = None):
-        """One batch in model space: float32 (B, H, W, C). B = len(labels) or batch_size."""
+                 cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
+                 tuned: Optional[bool] = None):
+        """One batch in model space: float32 (B, H, W, C). B = len(labels) or batch_size.
+
+        tuned: None uses the loaded tuned time embeddings if any were loaded (then one must match the
+        sampler, steps and grid, else ValueError), True requires them, False samples without them.
+        """
         if self.num_classes == 0 and labels is not None:
             raise ValueError("this model is unconditional (num_classes = 0): pass labels=None.")
         if self.num_classes and labels is None:
@@ -124,9 +144,11 @@ class Sampler:
                 raise ValueError(f"labels must lie in [0, {self.num_classes}] ({self.num_classes} = null class).")
             labels = np.concatenate([labels, np.full(padded - batch, self.num_classes, np.int32)])
         guided = cfg_scale is not None and self.num_classes > 0 and float(cfg_scale) != 1.0
-        program = self._program(steps, padded, sampler, guided)
+        use_tuned = bool(self.tuned) if tuned is None else bool(tuned)
+        extra = (self.tuned_for(steps, grid, mid_etas, sampler).offsets,) if use_tuned else ()
+        program = self._program(steps, padded, sampler, guided, use_tuned)
         t_grid = np.asarray(self.time_grid(steps, grid, mid_etas), np.float32)
-        out = program(self.params, rng, labels, t_grid, np.float32(cfg_scale if guided else 1.0))
+        out = program(self.params, rng, labels, t_grid, np.float32(cfg_scale if guided else 1.0), *extra)
         return out[:batch]
 
     # -- decoding ---------------------------------------------------------------------------------------
@@ -157,11 +179,12 @@ class Sampler:
                  sampler: str = "pushforward", grid: Optional[str] = None,
                  mid_etas: Optional[Sequence[float]] = None, cfg_scale: Optional[float] = None,
                  labels=None, seed: int = 0, batch_size: Optional[int] = None, start: int = 0,
-                 progress: bool = False, return_labels: bool = False):
+                 progress: bool = False, return_labels: bool = False, tuned: Optional[bool] = None):
         """num_samples uint8 images (N, H, W, C); see `sample` for the arguments.
 
         start: index of the first sample (resuming a long run in chunks gives identical samples).
         return_labels: also return the (N,) int32 class labels used (-1 for unconditional models).
+        tuned: use the loaded tuned time embeddings (None: if any are loaded; see `generate`).
         """
         opts = resolve_options(self.config, preset=preset, steps=steps, grid=grid, mid_etas=mid_etas,
                                cfg_scale=cfg_scale)
@@ -184,7 +207,8 @@ class Sampler:
                                                     self.num_classes), np.int32)
                 if labels is not None:
                     lab[keep] = labels[idx[keep] - start]
-            x = self.generate(jax.random.fold_in(base, first // bs), lab, batch_size=bs, sampler=sampler, **opts)
+            x = self.generate(jax.random.fold_in(base, first // bs), lab, batch_size=bs, sampler=sampler,
+                              tuned=tuned, **opts)
             out.append(self.decode(x)[keep])
             used.append(lab[keep] if lab is not None else np.full(int(keep.sum()), -1, np.int32))
             if progress:
@@ -221,17 +245,39 @@ def resolve_options(config, *, preset=None, steps=None, grid=None, mid_etas=None
     return opts
 
 
+def _load_tuned(tuned, checkpoint: str, step: Optional[int]) -> list:
+    """tuned=None/False -> []; True -> every set saved beside the checkpoint; a path, a TunedVectors or a
+    list of them -> those."""
+    if tuned is None or tuned is False:
+        return []
+    from imm_jax import tuning
+    if tuned is True:
+        found = tuning.load_all(checkpoint, step)
+        if not found:
+            raise FileNotFoundError(f"tuned=True but no tuned time embeddings are stored beside {checkpoint}; "
+                                    "make them with python -m imm_jax.tuning --checkpoint=...")
+        return found
+    items = tuned if isinstance(tuned, (list, tuple)) else [tuned]
+    return [tuning.load(t) if isinstance(t, str) else t for t in items]
+
+
 def load(checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = None,
-         vae_path: Optional[str] = None) -> Sampler:
-    """Restore EMA params + config from `checkpoint` into a reusable `Sampler`."""
-    return Sampler.from_checkpoint(checkpoint, ema=ema, step=step, vae_path=vae_path)
+         vae_path: Optional[str] = None, tuned=None) -> Sampler:
+    """Restore EMA params + config from `checkpoint` into a reusable `Sampler`.
+
+    tuned: True loads every set of tuned time embeddings saved beside the checkpoint (`imm_jax.tuning`);
+    a set's directory, a `TunedVectors` or a list of them also work. Sampling then uses the set made for
+    the requested sampler/steps/grid and raises ValueError when none matches (pass tuned=False to the
+    call to sample without them).
+    """
+    return Sampler.from_checkpoint(checkpoint, ema=ema, step=step, vae_path=vae_path, tuned=tuned)
 
 
 def sample(checkpoint: str, num_samples: int, *, steps: Optional[int] = None, sampler: str = "pushforward",
            grid: Optional[str] = None, mid_etas: Optional[Sequence[float]] = None,
            cfg_scale: Optional[float] = None, labels=None, seed: int = 0, batch_size: Optional[int] = None,
            preset: Optional[str] = None, ema: Optional[float] = None, vae_path: Optional[str] = None,
-           progress: bool = False) -> np.ndarray:
+           progress: bool = False, tuned=None) -> np.ndarray:
     """Generate `num_samples` uint8 images (N, H, W, C) from a checkpoint.
 
     Args:
@@ -245,7 +291,9 @@ def sample(checkpoint: str, num_samples: int, *, steps: Optional[int] = None, sa
       preset: a name from PRESETS, e.g. "cifar10-2step" or "imagenet-8step"; explicit arguments override it.
       ema: which EMA decay to use (default: config.train.sample_ema, else the slowest).
       vae_path: local SD-VAE directory for latent models.
+      tuned: tuned time embeddings (see `load`); True picks the set saved beside the checkpoint for this
+        sampler/steps/grid (ValueError if there is none for it).
     """
-    s = load(checkpoint, ema=ema, vae_path=vae_path)
+    s = load(checkpoint, ema=ema, vae_path=vae_path, tuned=tuned)
     return s(num_samples, preset=preset, steps=steps, sampler=sampler, grid=grid, mid_etas=mid_etas,
              cfg_scale=cfg_scale, labels=labels, seed=seed, batch_size=batch_size, progress=progress)

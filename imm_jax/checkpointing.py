@@ -156,3 +156,61 @@ def save_for_sampling(directory: str, params, config, *, step: int = 0) -> str:
     mngr.wait_until_finished()
     mngr.close()
     return os.path.join(directory, str(int(step)))
+
+
+# -- tuned conditioning vectors (imm_jax.tuning), stored beside a checkpoint --------------------------
+# <step_dir>/tuned/<name>/  orbax composite: vectors/ (StandardSave, a dict of (N, L, D) float32), meta/ (JSON).
+
+TUNED_DIR = "tuned"
+
+
+def sampling_step_dir(path: str, step: int | None = None) -> str:
+    """The step directory `restore_for_sampling(path, step)` reads first (the latest step by default)."""
+    directory, step_in_path = _resolve(path)
+    s = step if step is not None else step_in_path
+    if s is None:
+        steps = sorted(_manager_for_reading(directory).all_steps())
+        if not steps:
+            raise FileNotFoundError(f"No checkpoint found under {directory}.")
+        s = steps[-1]
+    step_dir = os.path.join(directory, str(int(s)))
+    if not os.path.isdir(step_dir):
+        raise FileNotFoundError(f"No checkpoint step directory {step_dir}.")
+    return step_dir
+
+
+def save_tuned(step_dir: str, name: str, vectors: dict, meta: dict) -> str:
+    """Writes tuned vectors (a dict of arrays) and JSON metadata as `<step_dir>/tuned/<name>`; returns the path.
+
+    An existing set of the same name is replaced.
+    """
+    if not name or "/" in name or name.startswith("."):
+        raise ValueError(f"tuned-vector set name must be a plain directory name, got {name!r}")
+    path = os.path.join(os.path.abspath(step_dir), TUNED_DIR, name)
+    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    ckpt.save(path, args=ocp.args.Composite(vectors=ocp.args.StandardSave(dict(vectors)),
+                                            meta=ocp.args.JsonSave(meta)), force=True)
+    ckpt.close()
+    return path
+
+
+def load_tuned(path: str) -> tuple[dict, dict]:
+    """Reads a set written by `save_tuned`: (dict of arrays, meta dict)."""
+    path = os.path.abspath(path)
+    if not os.path.isdir(os.path.join(path, "meta")):
+        raise FileNotFoundError(f"{path} is not a tuned-vector set (no meta/ item); sets live in "
+                                f"<checkpoint step>/{TUNED_DIR}/<name>.")
+    ckpt = ocp.Checkpointer(ocp.CompositeCheckpointHandler())
+    out = ckpt.restore(path, args=ocp.args.Composite(vectors=ocp.args.StandardRestore(),
+                                                     meta=ocp.args.JsonRestore()))
+    ckpt.close()
+    return dict(out["vectors"]), dict(out["meta"])
+
+
+def list_tuned(step_dir: str) -> list[str]:
+    """Paths of the tuned-vector sets stored beside the checkpoint in `step_dir` (sorted by name)."""
+    root = os.path.join(os.path.abspath(step_dir), TUNED_DIR)
+    if not os.path.isdir(root):
+        return []
+    return [os.path.join(root, n) for n in sorted(os.listdir(root))
+            if os.path.isdir(os.path.join(root, n, "meta"))]

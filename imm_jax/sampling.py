@@ -60,18 +60,24 @@ def time_grid(kind: str, steps: int, *, schedule: str, t_min: float, t_max: floa
 StepFn = Callable[[jnp.ndarray, jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def pushforward(f: StepFn, x_init, grid):
-    """Apply x <- f(x, s=t_{i+1}, t=t_i) along the grid. f(x, s, t) takes (B,) times; returns float32."""
+def pushforward(f: StepFn, x_init, grid, *, per_step=None, trajectory: bool = False):
+    """Apply x <- f(x, s=t_{i+1}, t=t_i) along the grid. f(x, s, t) takes (B,) times; returns float32.
+
+    per_step: optional pytree with leading axis N (steps); step i then calls f(x, s, t, per_step[i]).
+    trajectory: return the (N, B, ...) states after every step instead of the final state.
+    """
     grid = jnp.asarray(grid, jnp.float32)
     batch = x_init.shape[0]
 
-    def step(x, ts):
-        t_cur, t_next = ts
+    def step(x, inp):
+        t_cur, t_next, extra = inp
         bc = lambda v: jnp.full((batch,), v, jnp.float32)
-        return f(x, bc(t_next), bc(t_cur)).astype(jnp.float32), None
+        args = () if per_step is None else (extra,)
+        x = f(x, bc(t_next), bc(t_cur), *args).astype(jnp.float32)
+        return x, (x if trajectory else None)
 
-    x, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (grid[:-1], grid[1:]))
-    return x
+    x, states = jax.lax.scan(step, x_init.astype(jnp.float32), (grid[:-1], grid[1:], per_step))
+    return states if trajectory else x
 
 
 def restart(f: StepFn, x_init, grid, key, *, sigma_d: float, schedule: str):
@@ -97,28 +103,36 @@ def restart(f: StepFn, x_init, grid, key, *, sigma_d: float, schedule: str):
 VelocityFn = Callable[[jnp.ndarray, jnp.ndarray], jnp.ndarray]
 
 
-def ode(v: VelocityFn, x_init, grid, *, heun: bool = False):
-    """Integrate dx/dt = v(x, t) along the decreasing grid (Euler, or Heun's 2nd order); v takes (B,) times."""
+def ode(v: VelocityFn, x_init, grid, *, heun: bool = False, per_step=None, trajectory: bool = False):
+    """Integrate dx/dt = v(x, t) along the decreasing grid (Euler, or Heun's 2nd order); v takes (B,) times.
+
+    per_step: optional pytree with leading axis N (Euler only); step i then calls v(x, t, per_step[i]).
+    trajectory: return the (N, B, ...) states after every step instead of the final state.
+    """
+    if heun and per_step is not None:
+        raise ValueError("per-step network inputs (tuned conditioning) are defined for Euler steps only: "
+                         "Heun's corrector evaluates at t_{i+1}, which has no vector of its own.")
     grid = jnp.asarray(grid, jnp.float32)
     batch = x_init.shape[0]
     bc = lambda val: jnp.full((batch,), val, jnp.float32)
 
-    def step(x, ts):
-        t_cur, t_next = ts
+    def step(x, inp):
+        t_cur, t_next, extra = inp
         h = t_next - t_cur
-        d = v(x, bc(t_cur))
+        d = v(x, bc(t_cur)) if per_step is None else v(x, bc(t_cur), extra)
         x_next = x + h * d
         if heun:
             x_next = x + 0.5 * h * (d + v(x_next, bc(t_next)))
-        return x_next.astype(jnp.float32), None
+        x_next = x_next.astype(jnp.float32)
+        return x_next, (x_next if trajectory else None)
 
-    x, _ = jax.lax.scan(step, x_init.astype(jnp.float32), (grid[:-1], grid[1:]))
-    return x
+    x, states = jax.lax.scan(step, x_init.astype(jnp.float32), (grid[:-1], grid[1:], per_step))
+    return states if trajectory else x
 
 
 def generate(net, params, key, shape, *, objective: Union[IMMObjective, Parameterization], grid,
              labels=None, cfg_scale=None, sampler: str = "pushforward", null_label: Optional[int] = None,
-             noise=None):
+             noise=None, cond_override=None, cond_offset=None):
     """Samples in model space, float32 of `shape` (B, H, W, C).
 
     Args:
@@ -128,9 +142,20 @@ def generate(net, params, key, shape, *, objective: Union[IMMObjective, Paramete
       grid: (N + 1,) decreasing times (see `time_grid`); may be a traced array.
       labels: (B,) int class ids or None; cfg_scale: guidance weight w (None = no guidance).
       noise: optional (B, H, W, C) x_T to use instead of drawing it from key.
+      cond_override / cond_offset: optional (N, L, D) per-step, per-layer conditioning (tuned time
+        embeddings, see `imm_jax.tuning`): step i runs the network with cond_override=cond_override[i]
+        (replacing its time part) or cond_offset=cond_offset[i] (added to it). Samplers "pushforward" and
+        "euler" only; at most one of the two.
     """
     if sampler not in SAMPLERS:
         raise ValueError(f"Unknown sampler {sampler!r}; expected one of {SAMPLERS}.")
+    per_step = {k: v for k, v in dict(cond_override=cond_override, cond_offset=cond_offset).items()
+                if v is not None}
+    if len(per_step) > 1:
+        raise ValueError("pass cond_override or cond_offset, not both.")
+    if per_step and sampler not in ("pushforward", "euler"):
+        raise ValueError(f"tuned conditioning ({next(iter(per_step))}) is defined for the 'pushforward' and "
+                         f"'euler' samplers, got sampler={sampler!r}.")
     if isinstance(objective, IMMObjective):
         param = objective.param
         null_label = objective.null_label if null_label is None else null_label
@@ -143,6 +168,17 @@ def generate(net, params, key, shape, *, objective: Union[IMMObjective, Paramete
     def f(x, s, t):
         return param.apply(fn, x, s, t, labels, cfg_scale=cfg_scale, null_label=null_label)
 
+    if per_step:
+        def fn_e(e):
+            return lambda x_in, t_in, s_in, lab: net.apply({"params": params}, x_in, t_in, s_in, labels=lab,
+                                                           train=False, **e)
+        if sampler == "euler":
+            v_e = lambda x, t, e: param.velocity(fn_e(e), x, t, labels, cfg_scale=cfg_scale,
+                                                 null_label=null_label)
+            return ode(v_e, x_init, grid, per_step=per_step)
+        f_e = lambda x, s, t, e: param.apply(fn_e(e), x, s, t, labels, cfg_scale=cfg_scale,
+                                             null_label=null_label)
+        return pushforward(f_e, x_init, grid, per_step=per_step)
     if sampler in FM_SAMPLERS:
         v = lambda x, t: param.velocity(fn, x, t, labels, cfg_scale=cfg_scale, null_label=null_label)
         return ode(v, x_init, grid, heun=sampler == "heun")
