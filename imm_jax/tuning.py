@@ -8,17 +8,18 @@ that the network reads instead of its own time embedding (`cond_override`, see `
                   added and before the SiLU, for each of the `depth` blocks and the final layer
                   (L = depth + 1, D = hidden_size); the label embedding is added as before, so one vector
                   serves every class, the guided and the null (CFG) pass.
-                  UNet (unconditional only): the pre-SiLU emb_t + emb_s read by every UNetBlock
+                  UNet: the pre-SiLU emb_t + emb_s read by every UNetBlock
                   (L = number of blocks, D = model_channels * channel_mult_emb); for a class-conditional
                   UNet the offset is added to that (label-dependent) embedding.
   init            e[i, l] = e0[i], the model's own time part at step i (Euler: s = t = t_i; pushforward:
                   s = t_{i+1}, t = t_i), identical for all layers. The optimised variable is the offset
                   delta = e - e0 (zero at init), applied through `cond_offset`: layer l at step i reads
                   own_time_part(t_i) + delta[i, l], which is e[i, l] since the time part is a function of the
-                  step's times only. A zero offset reproduces the untuned sampler bit-for-bit at any batch
-                  size and on any device; substituting a separately computed e0 (`cond_override`) can differ
-                  in the last ulp because XLA picks matmul kernels by batch size. Class-conditional UNets
-                  (label inside the time MLP) can be tuned through the offset only.
+                  step's times only. A zero offset adds an exact 0 to the model's own time part, so the
+                  untuned sampler is reproduced bit-for-bit whatever the batch size (tested under jit on
+                  XLA:CPU); substituting a separately computed e0 (`cond_override`) can differ in the last
+                  ulp because XLA picks matmul kernels by batch size. Class-conditional UNets (label inside
+                  the time MLP) can be tuned through the offset only.
   teacher         the same frozen model with many steps from the same x_T (and labels): each coarse
                   interval [t_i, t_{i+1}] is split into ceil(teacher_steps / N) equal sub-steps, so the
                   teacher grid contains every coarse time and its states there are read off exactly
@@ -27,9 +28,10 @@ that the network reads instead of its own time embedding (`cond_override`, see `
   loss            mean over the N coarse steps and the batch of d(student_i, teacher_i): "l2" (mean
                   squared error), "l1" (mean absolute error) or "pseudo_huber" (sqrt(||.||^2 + c^2) - c,
                   c = 0.00054 sqrt(dim) by default, as in iCT).
-  optimisation    Adam on delta only (Adam is shift-invariant, so this is Adam on e); the backbone params enter the jitted step as an argument that is never
-                  differentiated. The student rollout runs each step's network under `jax.checkpoint`.
-                  The batch is sharded over all local devices (1-D "data" mesh; e and params replicated).
+  optimisation    Adam on delta only (Adam is shift-invariant, so this is Adam on e); the backbone
+                  params enter the jitted step as an argument that is never differentiated. The student
+                  rollout runs each step's network under `jax.checkpoint`. The batch is sharded over all
+                  local devices (1-D "data" mesh; the vectors and params replicated).
   data            reference trajectories are drawn once (a pool of `num_trajectories`) and minibatches are
                   sampled from it; a disjoint held-out pool of `num_eval` reports the loss before/after.
   seeds           tuning keys derive from fold_in(key(seed), TUNE_KEY_DOMAIN); `imm_jax.sample` uses
@@ -375,7 +377,7 @@ def tune(net, params, objective: IMMObjective, settings: TuneSettings, *, image_
                   devices=devices)
     bs = settings.batch_size
     x_tr, y_tr = tuner.draw(0, settings.num_trajectories)
-    x_ev, y_ev = tuner.draw(1, max(settings.num_eval, bs))
+    x_ev, y_ev = tuner.draw(1, max(1, math.ceil(settings.num_eval / bs)) * bs)  # whole batches
     ref_tr, ref_ev = tuner.references(x_tr, y_tr), tuner.references(x_ev, y_ev)
     t_ref = time.time() - t0
     e = tuner.zero_offsets()
@@ -450,7 +452,7 @@ def tune_main(checkpoint: str, workdir: Optional[str] = None, *, ema: Optional[f
     """Tune a checkpoint's EMA params and save beside it; prints progress, appends metrics JSON lines.
 
     checkpoint: workdir / checkpoints dir / step dir / converted weights (as `imm_jax.load`).
-    workdir: where tune_metrics.jsonl goes (default: the checkpoint's step dir).
+    workdir: where tune_metrics.jsonl goes (default: <step dir>/tuned/).
     save_to: step dir to save into (default: the checkpoint's). settings: `TuneSettings` fields.
     Returns (tuned vectors, path of the saved set).
     """
@@ -473,9 +475,10 @@ def tune_main(checkpoint: str, workdir: Optional[str] = None, *, ema: Optional[f
     net = networks.build(config.model)
     objective = IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
     image_shape = (int(config.model.image_size),) * 2 + (int(config.model.in_channels),)
-    metrics_path = os.path.join(workdir or step_dir, "tune_metrics.jsonl")
-    if workdir:
-        os.makedirs(workdir, exist_ok=True)
+    metrics_dir = workdir or os.path.join(step_dir, checkpointing.TUNED_DIR)
+    metrics_path = os.path.join(metrics_dir, "tune_metrics.jsonl")
+    if jax.process_index() == 0:
+        os.makedirs(metrics_dir, exist_ok=True)
     is_host0 = jax.process_index() == 0
 
     def log(m):
@@ -511,6 +514,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--workdir", default=None)
     parser.add_argument("--ema", type=float, default=None)
     parser.add_argument("--step", type=int, default=None)
+    parser.add_argument("--name", default=None, help="set name (default <sampler>_<N>step_<grid>)")
     for f in dataclasses.fields(TuneSettings):
         if f.name == "mid_etas":
             parser.add_argument("--mid_etas", type=float, nargs="*", default=None)
@@ -518,8 +522,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         kind = {"int": int, "float": float, "str": str}.get(str(f.type).split("[")[-1].rstrip("]"), str)
         parser.add_argument(f"--{f.name}", type=kind, default=None)
     args = vars(parser.parse_args(argv))
-    base = {k: args.pop(k) for k in ("checkpoint", "workdir", "ema", "step")}
-    tune_main(base["checkpoint"], base["workdir"], ema=base["ema"], step=base["step"],
+    base = {k: args.pop(k) for k in ("checkpoint", "workdir", "ema", "step", "name")}
+    tune_main(base["checkpoint"], base["workdir"], ema=base["ema"], step=base["step"], name=base["name"],
               **{k: v for k, v in args.items() if v is not None})
 
 

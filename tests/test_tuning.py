@@ -88,7 +88,8 @@ def test_unet_override_refuses_class_conditional_but_offset_works():
     layers, width = networks.cond_layout(net)
     with pytest.raises(ValueError, match="unconditional models only"):
         net.apply({"params": params}, x, t, t, labels, cond_override=jnp.zeros((layers, width)))
-    np.testing.assert_array_equal(net.apply({"params": params}, x, t, t, labels, cond_offset=jnp.zeros((layers, width))),
+    zero = jnp.zeros((layers, width))
+    np.testing.assert_array_equal(net.apply({"params": params}, x, t, t, labels, cond_offset=zero),
                                   net.apply({"params": params}, x, t, t, labels))
 
 

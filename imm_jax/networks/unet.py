@@ -286,8 +286,8 @@ class SongUNet(nn.Module):
         models only (the label enters inside the t MLP, so it cannot be kept apart from the time part).
         cond_offset: same shapes, additive instead: block l reads SiLU(emb_t + emb_s + cond_offset[l])
         (labels, if any, stay inside emb_t as before); a zero offset reproduces the default path exactly.
-        At most one of the two. The pre-SiLU emb_t + emb_s (B, E) is sown as ("intermediates", "time_cond") when that collection
-        is mutable.
+        At most one of the two. The pre-SiLU emb_t + emb_s (B, E) is sown as ("intermediates", "time_cond")
+        when that collection is mutable.
         """
         b, h, w, c = x.shape
         if (h, w, c) != (self.image_size, self.image_size, self.in_channels):
