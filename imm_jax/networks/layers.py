@@ -41,7 +41,35 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
     # Heads-major einsums: measured ~1.5x faster forward on XLA:CPU (DiT-S/2) than contracting in
     # (B, N, heads, d) layout directly, and on par with jax.nn.dot_product_attention's backward.
     q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
-    scale = q.shape[-1] ** -0.5
-    logits = jnp.einsum("bhqd,bhkd->bhqk", q, k, preferred_element_type=jnp.float32) * scale
+    return _attention_core(q, k, v).transpose(0, 2, 1, 3)
+
+
+def _attention_fwd(q, k, v):
+    qs = q * jnp.asarray(q.shape[-1] ** -0.5, q.dtype)
+    logits = jnp.einsum("bhqd,bhkd->bhqk", qs, k, preferred_element_type=jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
-    return jnp.einsum("bhqk,bhkd->bhqd", weights, v).transpose(0, 2, 1, 3)
+    out = jnp.einsum("bhqk,bhkd->bhqd", weights, v)
+    return out, (qs, k, v, weights, out)
+
+
+def _attention_bwd(res, d_out):
+    # Softmax backward with rowsum(dP * P) = rowsum(dO * O): the reduction runs over the (q, head_dim)
+    # tensors instead of a further pass over the (q, k) ones (as in FlashAttention). Measured ~13% faster
+    # attention forward+backward than autodiff on XLA:CPU at DiT-S/2 sizes; same values up to rounding.
+    qs, k, v, weights, out = res
+    d_v = jnp.einsum("bhqk,bhqd->bhkd", weights, d_out)
+    d_w = jnp.einsum("bhqd,bhkd->bhqk", d_out, v, preferred_element_type=jnp.float32)
+    delta = jnp.sum(d_out.astype(jnp.float32) * out.astype(jnp.float32), axis=-1, keepdims=True)
+    d_logits = (weights.astype(jnp.float32) * (d_w - delta)).astype(qs.dtype)
+    d_q = jnp.einsum("bhqk,bhkd->bhqd", d_logits, k) * jnp.asarray(qs.shape[-1] ** -0.5, qs.dtype)
+    d_k = jnp.einsum("bhqk,bhqd->bhkd", d_logits, qs)
+    return d_q, d_k, d_v
+
+
+@jax.custom_vjp
+def _attention_core(q, k, v):
+    """softmax(q k^T / sqrt(d)) v for heads-major (B, heads, N, d) inputs."""
+    return _attention_fwd(q, k, v)[0]
+
+
+_attention_core.defvjp(_attention_fwd, _attention_bwd)

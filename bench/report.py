@@ -1,0 +1,49 @@
+"""Render bench/results/*.json (written by the bench scripts) as Markdown tables for docs/PERFORMANCE.md.
+
+    python bench/report.py [--results bench/results]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+TABLES = {
+    "train_step.json": ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s",
+                        "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_useful", "compile_s", "mem_mb"],
+    "profile_step.json": ["part", "ms", "gflop", "gflop_s", "frac_peak", "compile_s"],
+    "sampling.json": ["model", "steps", "cfg", "batch", "devices", "nfe_per_image", "batch_s", "img_s",
+                      "ms_per_nfe_img", "first_call_s"],
+    "fid_features.json": ["input", "batch", "devices", "batch_s", "img_s", "gflop_img", "gflop_s", "frac_peak",
+                          "first_call_s"],
+}
+
+
+def markdown(rows, columns) -> str:
+    columns = [c for c in columns if any(c in r for r in rows)]
+    lines = ["| " + " | ".join(columns) + " |", "|" + "---|" * len(columns)]
+    for r in rows:
+        lines.append("| " + " | ".join(common._fmt(r.get(c)) for c in columns) + " |")
+    return "\n".join(lines)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--results", default=os.path.join(common.ROOT, "bench", "results"))
+    args = p.parse_args()
+    for name, columns in TABLES.items():
+        path = os.path.join(args.results, name)
+        if not os.path.exists(path):
+            continue
+        data = json.load(open(path))
+        m = data["machine"]
+        print(f"### {name}\n\n`{data['command']}` — {m['cpu']}, {m['cores']} cores, jax {m['jax']}, {m['date']}\n")
+        print(markdown(data["rows"], columns) + "\n")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,70 @@
+"""The hand-written attention backward (imm_jax.networks.layers) against autodiff of the plain formula."""
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from imm_jax.networks import layers
+
+
+def reference_attention(q, k, v):
+    """NumPy-free plain formula: softmax(q k^T / sqrt(d)) v in (B, N, heads, d) layout, float32."""
+    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    return jnp.einsum("bhqk,bkhd->bqhd", jax.nn.softmax(logits, axis=-1), v)
+
+
+def numpy_attention(q, k, v):
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    logits = np.einsum("bqhd,bkhd->bhqk", q, k) / np.sqrt(q.shape[-1])
+    w = np.exp(logits - logits.max(-1, keepdims=True))
+    w /= w.sum(-1, keepdims=True)
+    return np.einsum("bhqk,bkhd->bqhd", w, v)
+
+
+@pytest.fixture
+def qkv_and_cotangent():
+    r = np.random.default_rng(0)
+    q, k, v, g = (jnp.asarray(r.normal(size=(2, 7, 3, 8)) * s, jnp.float32) for s in (1.5, 1.5, 1.0, 1.0))
+    return q, k, v, g
+
+
+def test_forward_matches_numpy(qkv_and_cotangent):
+    q, k, v, _ = qkv_and_cotangent
+    np.testing.assert_allclose(layers.attention(q, k, v), numpy_attention(q, k, v), rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_autodiff(qkv_and_cotangent):
+    q, k, v, g = qkv_and_cotangent
+    ours = jax.grad(lambda q, k, v: jnp.sum(layers.attention(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
+    ref = jax.grad(lambda q, k, v: jnp.sum(reference_attention(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(ours, ref):
+        assert float(jnp.max(jnp.abs(b))) > 1e-2  # non-trivial gradients
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_gradients_match_finite_differences(qkv_and_cotangent):
+    q, k, v, g = qkv_and_cotangent
+    f = lambda q, k, v: np.sum(numpy_attention(q, k, v) * np.asarray(g, np.float64))
+    grads = jax.grad(lambda q, k, v: jnp.sum(layers.attention(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
+    r = np.random.default_rng(1)
+    for i, grad in enumerate(grads):
+        args = [np.asarray(a, np.float64) for a in (q, k, v)]
+        direction = r.normal(size=args[i].shape)
+        plus, minus = list(args), list(args)
+        plus[i] = args[i] + 1e-5 * direction
+        minus[i] = args[i] - 1e-5 * direction
+        fd = (f(*plus) - f(*minus)) / 2e-5
+        np.testing.assert_allclose(np.sum(np.asarray(grad, np.float64) * direction), fd, rtol=1e-4, atol=1e-5)
+
+
+def test_bfloat16_keeps_dtype_and_is_close(qkv_and_cotangent):
+    q, k, v, g = qkv_and_cotangent
+    bf = lambda a: a.astype(jnp.bfloat16)
+    out = layers.attention(bf(q), bf(k), bf(v))
+    assert out.dtype == jnp.bfloat16
+    grads = jax.grad(lambda q, k, v: jnp.sum(layers.attention(q, k, v).astype(jnp.float32) * g),
+                     argnums=(0, 1, 2))(bf(q), bf(k), bf(v))
+    ref = jax.grad(lambda q, k, v: jnp.sum(reference_attention(q, k, v) * g), argnums=(0, 1, 2))(q, k, v)
+    for a, b in zip(grads, ref):
+        assert a.dtype == jnp.bfloat16
+        np.testing.assert_allclose(np.asarray(a, np.float32), b, rtol=0.1, atol=0.05)
