@@ -47,7 +47,7 @@ def main():
         t = common.median(times)
         compiled = extractor._forward.lower(
             extractor.params, jax.device_put(images, extractor._batch_sharding)).compile()
-        flops = common.cost_flops(compiled)
+        flops = common.cost_flops(compiled) * jax.device_count()  # per-partition count for SPMD
         row = dict(input=f"{size}x{size}x{args.channels}", batch=extractor.batch_size,
                    devices=jax.device_count(), batch_s=t, img_s=extractor.batch_size / t,
                    gflop_img=flops / extractor.batch_size / 1e9, gflop_s=flops / t / 1e9,

@@ -5,11 +5,12 @@
 
 For each model: fused vs two-pass online/target forward, on 1 and 8 (fake) CPU devices. Reports images/s,
 achieved FLOP/s (XLA cost analysis of the compiled step / measured step time), the ratio to the float32
-matmul peak measured in the same process, compile time and XLA's planned peak memory.
+matmul peak measured in the same process, compile time and XLA's planned peak memory per device (arguments + outputs + temporaries).
 """
 from __future__ import annotations
 
 import argparse
+import resource
 import os
 import sys
 import time
@@ -64,17 +65,25 @@ def child(args):
                 holder[0], metrics = compiled(holder[0], batch)
                 jax.block_until_ready(metrics["loss"])
 
-            times = common.time_calls(run, args.iters, warmup=args.warmup)
+            for _ in range(args.warmup):
+                run()
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
+            times = common.time_calls(run, args.iters, warmup=0)
+            r1 = resource.getrusage(resource.RUSAGE_SELF)
+            usage = dict(user_s_per_step=(r1.ru_utime - r0.ru_utime) / args.iters,
+                         sys_s_per_step=(r1.ru_stime - r0.ru_stime) / args.iters,
+                         page_faults_per_step=(r1.ru_minflt - r0.ru_minflt) // args.iters)
             # The peak is measured right after the step so both see the same machine load.
             peak = common.matmul_peak_flops()
             step_s, best_s = common.median(times), min(times)
-            flops = common.cost_flops(compiled)
+            # XLA's cost analysis of an SPMD program counts one partition: scale to the whole step.
+            flops = common.cost_flops(compiled) * jax.device_count()
             print(json_line(dict(model=model, fused=bool(fused), devices=jax.device_count(), batch=args.batch,
                                  step_ms=1e3 * step_s, best_ms=1e3 * best_s, img_s=args.batch / step_s,
                                  gflop_step=flops / 1e9, gflop_s=flops / step_s / 1e9, peak_gflop_s=peak / 1e9,
                                  frac_peak=flops / step_s / peak, frac_peak_best=flops / best_s / peak,
-                                 compile_s=compile_s, mem_mb=common.memory_bytes(compiled) / 2**20,
-                                 times_ms=[round(1e3 * t, 1) for t in times])), flush=True)
+                                 compile_s=compile_s, mem_mb_per_device=common.memory_bytes(compiled) / 2**20,
+                                 times_ms=[round(1e3 * t, 1) for t in times], **usage)), flush=True)
 
 
 def json_line(d):
@@ -109,7 +118,7 @@ def main():
             r["frac_peak_useful"] = u / (r["step_ms"] / 1e3) / r["peak_gflop_s"]
     common.print_table(rows, ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
                               "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_useful", "compile_s",
-                              "mem_mb"])
+                              "mem_mb_per_device"])
     common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), rows=rows))
 
 
