@@ -30,7 +30,7 @@ def model():
     config = tiny.get_config()
     net = networks.build(config.model)
     x = jnp.zeros((2,) + SHAPE)
-    params = net.init(jax.random.key(0), x, jnp.ones(2), jnp.ones(2), jnp.zeros(2, jnp.int32))["params"]
+    params = jax.jit(net.init)(jax.random.key(0), x, jnp.ones(2), jnp.ones(2), jnp.zeros(2, jnp.int32))["params"]
     objective = IMMObjective.from_config(config.imm, num_classes=10)
     return config, net, _perturbed(params), objective
 
@@ -49,7 +49,8 @@ def test_cond_override_and_offset_reproduce_default_and_reach_every_layer(family
         num_classes = 10
     else:
         net = networks.build(tiny_unet())
-        params = _perturbed(net.init(jax.random.key(1), jnp.zeros((2,) + SHAPE), jnp.ones(2), jnp.ones(2))["params"])
+        params = _perturbed(jax.jit(net.init)(jax.random.key(1), jnp.zeros((2,) + SHAPE), jnp.ones(2),
+                                              jnp.ones(2))["params"])
         num_classes = 0
     layers, width = networks.cond_layout(net)
     assert layers == (2 if family == "dit" else 10)  # DiT: 1 block + final layer; UNet: 2+1 enc, 2+2+... dec
@@ -57,17 +58,19 @@ def test_cond_override_and_offset_reproduce_default_and_reach_every_layer(family
     x = jax.random.normal(jax.random.key(3), (b,) + SHAPE)
     t_in, s_in = jnp.full((b,), 700.0), jnp.full((b,), 300.0)
     labels = jnp.arange(b, dtype=jnp.int32) % (num_classes + 1) if num_classes else None
-    eager = lambda kw: net.apply({"params": params}, x, t_in, s_in, labels, **kw)
-    run = jax.jit(eager)
+    run = jax.jit(lambda kw: net.apply({"params": params}, x, t_in, s_in, labels, **kw))
     base = run({})
     zero = jnp.zeros((layers, width))
     np.testing.assert_array_equal(run(dict(cond_offset=zero)), base)
-    np.testing.assert_array_equal(eager(dict(cond_offset=zero)), eager({}))
-    # Replacing the time part by the model's own (computed op by op, as here) is the default path too.
-    own = networks.time_condition(net, params, x, t_in, s_in, labels)
-    assert own.shape == (b, width)
-    np.testing.assert_array_equal(eager(dict(cond_override=jnp.broadcast_to(own, (layers, b, width)))),
-                                  eager({}))
+    # Op by op (no jit), replacing the time part by the model's own is the default path too.
+    n = 4
+    eager = lambda kw: net.apply({"params": params}, x[:n], t_in[:n], s_in[:n],
+                                 None if labels is None else labels[:n], **kw)
+    own = networks.time_condition(net, params, x[:n], t_in[:n], s_in[:n], None if labels is None else labels[:n])
+    assert own.shape == (n, width)
+    plain = eager({})
+    np.testing.assert_array_equal(eager(dict(cond_override=jnp.broadcast_to(own, (layers, n, width)))), plain)
+    np.testing.assert_array_equal(eager(dict(cond_offset=zero)), plain)
 
     # Every conditioned layer reads its own vector: perturbing only layer l changes the output.
     for layer in range(layers):
