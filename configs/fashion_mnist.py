@@ -7,8 +7,10 @@ Any directory holding the four IDX files also works: --config.data.path=DIR.
 Network: a small DiT (patch 4 on 32x32x1 = 64 tokens); chosen for speed on a 2-core CPU (README lists the
 measured throughput). Samples (1/2/4 steps, CFG) are written to runs/fmnist/samples/ every sample_every steps.
 Differences from the paper's CIFAR recipe, all for a ~15 minute CPU run: a small DiT instead of DDPM++,
-batch 128 instead of 4096, AdamW at lr 5e-4 with warm-up and clipping, k = 12 (coarser r(s, t) steps learn
-faster), fast EMAs, label dropout 0.1 for classifier-free guidance.
+batch 64 instead of 4096, AdamW at lr 1e-3 with warm-up and clipping, k = 7 instead of 15 (coarse r(s, t)
+steps: most pairs with t < 0.7 hit the base case r = s, so the induction bootstraps within minutes; k = 10 or 12
+still gave formless blobs after 15 CPU-minutes, k = 7 gave recognisable garments of every class after ~900 steps),
+fast EMAs, label dropout 0.1 for classifier-free guidance.
 """
 import ml_collections
 
@@ -23,17 +25,17 @@ def get_config(arg=None):
                                   depth=4, num_heads=4, patch_size=4)
     c.imm = ml_collections.ConfigDict(dict(
         schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0, t_min=0.006,
-        t_max=0.994, particles=4, k=12, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
+        t_max=0.994, particles=4, k=7, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
         label_dropout=0.1, dropout_keys="independent", fused=False))
     c.data = ml_collections.ConfigDict(dict(
-        source="fashion_mnist", path="", name="", split="train", batch_size=128, random_flip=False,
+        source="fashion_mnist", path="", name="", split="train", batch_size=64, random_flip=False,
         seed=0, prefetch=2, pad=2, synthetic_size=1024))
     c.optim = ml_collections.ConfigDict(dict(
-        name="adamw", lr=5e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=200, grad_clip=1.0))
+        name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=100, grad_clip=1.0))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=3000, log_every=50, ckpt_every=500, keep_checkpoints=3, sample_every=500,
         ema_decays=(0.999, 0.99), sample_ema=ml_collections.config_dict.placeholder(float),
-        async_checkpoints=True, eval_every=0))
+        async_checkpoints=True, eval_every=0, max_train_minutes=15.0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2, 4), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=2.0,

@@ -403,6 +403,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         else:
             rate = (step - timer["s0"]) / (now - timer["t0"])
             ips, eta = rate * pipeline.batch_size, (num_steps - step) / rate
+            if budget_s:
+                eta = min(eta, max(0.0, budget_s - (now - t_start)))
         m = last_metrics
         if is_host0:
             print(f"step {step}/{num_steps} | loss {m.get('loss', float('nan')):.5f} | grad_norm "
@@ -431,6 +433,9 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                          to_uint8_grid(imgs, ncol))
 
     step = start
+    budget_s = 60.0 * float(tcfg.get("max_train_minutes", 0) or 0)
+    t_start = time.time()
+    out_of_time = False
     try:
         with _Preemption() as preempt:
             if start < num_steps:
@@ -446,6 +451,13 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                         jax.block_until_ready(metrics)
                         timer["t0"], timer["s0"] = time.time(), step  # rate excludes compilation
                     stop_now = preempt.flag or _any_host_preempted(ckpt, step)
+                    if budget_s and step % log_every == 0 and not stop_now:
+                        out_of_time = _all_hosts_agree(time.time() - t_start > budget_s)
+                        if out_of_time:
+                            stop_now = True
+                            if is_host0:
+                                print(f"Time budget of {budget_s / 60:.1f} min reached "
+                                      "(config.train.max_train_minutes).", flush=True)
                     if step % log_every == 0 or step == num_steps or stop_now:
                         flush(step)
                         progress(step)
@@ -455,7 +467,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                         flush(step)
                         sample(step, state)
                     if stop_now:
-                        preempted = True
+                        preempted = preempt.flag or not out_of_time
+                        if out_of_time and sample_every and step % sample_every:
+                            flush(step)
+                            sample(step, state)  # final grids at the end of a time-limited run
                         break
                     if step >= num_steps:
                         break
@@ -466,7 +481,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         writer.close()
     if is_host0:
         print(("Preempted: checkpoint written at step %d" if preempted else "Done at step %d") % step, flush=True)
-    return {"final_step": step, "preempted": preempted, "last_metrics": last_metrics, "state": state}
+    return {"final_step": step, "preempted": preempted, "out_of_time": out_of_time, "last_metrics": last_metrics,
+            "state": state}
 
 
 def _any_host_preempted(ckpt: checkpointing.Checkpointer, step: int) -> bool:
@@ -476,6 +492,14 @@ def _any_host_preempted(ckpt: checkpointing.Checkpointer, step: int) -> bool:
         return bool(ckpt.manager.reached_preemption(step))
     except Exception:  # noqa: BLE001 - preemption service not available
         return False
+
+
+def _all_hosts_agree(flag: bool) -> bool:
+    """Process 0's decision, so that every host stops at the same step."""
+    if jax.process_count() == 1:
+        return flag
+    from jax.experimental import multihost_utils
+    return bool(multihost_utils.broadcast_one_to_all(np.asarray(flag)))
 
 
 def _sample_ema_index(config) -> int:

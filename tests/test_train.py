@@ -144,6 +144,14 @@ def test_sigterm_writes_checkpoint_and_stops(tmp_path):
         not callable(getattr(signal.getsignal(signal.SIGTERM), "__self__", None))
 
 
+def test_time_budget_stops_with_checkpoint(tmp_path):
+    c = tiny(num_steps=50, ckpt_every=100, log_every=2)
+    c.train.max_train_minutes = 1e-9
+    out = train.train_and_evaluate(c, str(tmp_path))
+    assert out["out_of_time"] and not out["preempted"] and out["final_step"] == 2
+    assert checkpointing.Checkpointer(str(tmp_path / "checkpoints")).all_steps() == [2]
+
+
 def test_nan_guard_names_window_and_keeps_good_checkpoint(tmp_path, monkeypatch):
     orig = input_pipeline.Pipeline.local_batch
 
