@@ -27,7 +27,7 @@ config_flags.DEFINE_config_file(
     "Config file (configs/X.py[:args]). Default: configs/fashion_mnist.py (the embedded default).",
     lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
-flags.DEFINE_enum("mode", "train", ["train", "sample"],
+flags.DEFINE_enum("mode", "train", ["train", "sample", "tune"],
                   "train: train (resuming if workdir has checkpoints). sample: write samples from the latest "
                   "checkpoint's EMA params (config read from the checkpoint).")
 flags.DEFINE_bool("multihost", os.environ.get("IMM_JAX_MULTIHOST", "0") not in ("", "0", "false", "False"),
@@ -41,6 +41,13 @@ flags.DEFINE_float("cfg_scale", None, "sample mode: guidance weight; default con
 flags.DEFINE_float("ema", None, "sample mode: which EMA decay to use; default the slowest (largest) one.")
 flags.DEFINE_integer("seed", 0, "sample mode: random seed.")
 flags.DEFINE_string("out", None, "sample mode: output directory (default WORKDIR/samples_cli).")
+flags.DEFINE_integer("chunk_size", 1000, "sample mode: samples per resumable chunk.")
+flags.DEFINE_integer("batch_size", 250, "sample mode: samples per device batch (over all local devices).")
+flags.DEFINE_string("sampler", "pushforward", "sample mode: pushforward | restart (IMM), euler | heun (FM).")
+flags.DEFINE_string("grid", None, "sample/tune mode: time grid uniform | edm | etas (default config.sample.grid).")
+flags.DEFINE_enum("tune_sampler", "pushforward", ["pushforward", "euler"], "tune mode: sampler to tune (MTEO).")
+flags.DEFINE_integer("tune_iters", 300, "tune mode: optimisation steps.")
+flags.DEFINE_float("tune_lr", 1e-2, "tune mode: Adam learning rate of the tuned vectors.")
 
 
 def _init_distributed():
@@ -57,30 +64,26 @@ def _init_distributed():
 
 
 def sample_main(workdir: str):
-    import jax
-    import math
-    import numpy as np
-    from imm_jax import checkpointing, train
-    config, ema = checkpointing.restore_for_sampling(workdir)
-    decay = str(float(FLAGS.ema)) if FLAGS.ema is not None else max(ema, key=float)
-    if decay not in ema:
-        raise app.UsageError(f"--ema={FLAGS.ema}: the checkpoint has EMA decays {sorted(ema)}.")
-    if FLAGS.steps:
-        config.sample.steps = tuple(FLAGS.steps)
-    if FLAGS.cfg_scale is not None:
-        config.sample.cfg_scale = FLAGS.cfg_scale
-    config.sample.seed = FLAGS.seed
-    net = train.build_network(config)
-    sampler = train.GridSampler(config, net, train.build_objective(config), num_samples=FLAGS.num_samples)
+    """Per step count: <out>/<N>step/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
+    from imm_jax import api, export
+    sampler = api.load(workdir, ema=FLAGS.ema)
+    steps_list = tuple(FLAGS.steps or sampler.config.sample.steps)
     out = FLAGS.out or os.path.join(workdir, "samples_cli")
-    os.makedirs(out, exist_ok=True)
-    for steps, imgs in sampler(ema[decay]).items():
-        np.save(os.path.join(out, f"samples_{steps}step.npy"), imgs)
-        if config.data.source != "latents":
-            train.save_png(os.path.join(out, f"samples_{steps}step.png"),
-                           train.to_uint8_grid(imgs, int(math.ceil(math.sqrt(len(imgs))))))
-        print(f"wrote {len(imgs)} {steps}-step samples (EMA {decay}) to {out}", flush=True)
-    del jax
+    for steps in steps_list:
+        path = export.export_samples(
+            workdir, os.path.join(out, f"{steps}step"), FLAGS.num_samples, chunk_size=FLAGS.chunk_size,
+            batch_size=min(FLAGS.batch_size, FLAGS.chunk_size), sampler_obj=sampler, steps=int(steps),
+            cfg_scale=FLAGS.cfg_scale, seed=FLAGS.seed, sampler=FLAGS.sampler, grid=FLAGS.grid)
+        print(f"wrote {FLAGS.num_samples} {steps}-step samples (EMA {sampler.ema}) to {path}", flush=True)
+
+
+def tune_main(workdir: str):
+    from imm_jax import checkpointing, tuning
+    config, _ = checkpointing.restore_for_sampling(workdir)
+    for n in tuple(FLAGS.steps or config.sample.steps):
+        tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=FLAGS.tune_sampler,
+                         steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr,
+                         grid=FLAGS.grid or config.sample.grid, seed=FLAGS.seed + 1)
 
 
 def main(argv):
@@ -94,6 +97,8 @@ def main(argv):
         _init_distributed()
     if FLAGS.mode == "sample":
         return sample_main(FLAGS.workdir)
+    if FLAGS.mode == "tune":
+        return tune_main(FLAGS.workdir)
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/X.py is required.")
     from imm_jax import train
