@@ -58,6 +58,8 @@ def get_config(arg=None):
         num_steps=1_200_000, log_every=100, ckpt_every=5000, keep_checkpoints=3, sample_every=0,
         ema_decays=(0.9999, 0.999), sample_ema=ml_collections.config_dict.placeholder(float),
         async_checkpoints=True, eval_every=0, max_train_minutes=0.0))
+    # Local diffusers directory of stabilityai/sd-vae-ft-ema, used to decode samples (imm_jax.sample, FID).
+    c.vae = ml_collections.ConfigDict(dict(path="", dtype="float16"))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2, 4, 8), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=1.5,

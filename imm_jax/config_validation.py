@@ -15,7 +15,7 @@ REQUIRED = {
     "mesh": ("data", "fsdp"),
     "sample": ("steps", "cfg_scale"),
 }
-KNOWN_TOP = set(REQUIRED[""])
+KNOWN_TOP = set(REQUIRED[""]) | {"vae"}  # vae: optional, latent models (decoder path and dtype)
 
 
 class ConfigError(ValueError):
