@@ -30,7 +30,7 @@ def get_config(arg=None):
         name="radam", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, grad_clip=0.0))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=400_000, log_every=100, ckpt_every=5000, keep_checkpoints=3, sample_every=5000,
-        ema_decays=(0.9999, 0.999), sample_ema=ml_collections.config_dict.placeholder(float),
+        ema_decays=(0.9999, 0.999), sample_ema=0.9999,
         async_checkpoints=True, eval_every=0, max_train_minutes=0.0))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(

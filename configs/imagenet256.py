@@ -56,7 +56,7 @@ def get_config(arg=None):
         name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, grad_clip=0.0))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=1_200_000, log_every=100, ckpt_every=5000, keep_checkpoints=3, sample_every=0,
-        ema_decays=(0.9999, 0.999), sample_ema=ml_collections.config_dict.placeholder(float),
+        ema_decays=(0.9999, 0.999), sample_ema=0.9999,
         async_checkpoints=True, eval_every=0, max_train_minutes=0.0))
     # Local diffusers directory of stabilityai/sd-vae-ft-ema, used to decode samples (imm_jax.sample, FID).
     c.vae = ml_collections.ConfigDict(dict(path="", dtype="float16"))

@@ -38,7 +38,7 @@ flags.DEFINE_integer("process_id", None, "Multi-host: this process's id (else au
 flags.DEFINE_integer("num_samples", 64, "sample mode: number of images.")
 flags.DEFINE_multi_integer("steps", None, "sample mode: sampling steps (repeatable); default config.sample.steps.")
 flags.DEFINE_float("cfg_scale", None, "sample mode: guidance weight; default config.sample.cfg_scale.")
-flags.DEFINE_float("ema", None, "sample mode: which EMA decay to use; default the slowest (largest) one.")
+flags.DEFINE_float("ema", None, "sample/tune mode: which EMA decay to use; default config.train.sample_ema, else the fastest.")
 flags.DEFINE_integer("seed", 0, "sample mode: random seed.")
 flags.DEFINE_string("out", None, "sample mode: output directory (default WORKDIR/samples_cli).")
 flags.DEFINE_integer("chunk_size", 1000, "sample mode: samples per resumable chunk.")
