@@ -91,10 +91,12 @@ def run_child(script: str, args: list[str], devices: int) -> list[dict]:
     flags = [f for f in env.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
     env["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
     out = subprocess.run([sys.executable, script, "--child", *args], env=env, capture_output=True, text=True)
-    if out.returncode:
-        sys.stderr.write(out.stderr)
-        raise RuntimeError(f"{script} {' '.join(args)} failed with exit code {out.returncode}")
-    return [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    rows = [json.loads(l) for l in out.stdout.splitlines() if l.startswith("{")]
+    if out.returncode:  # keep the settings that finished (e.g. the 8-device child killed for memory)
+        sys.stderr.write(out.stderr[-4000:])
+        sys.stderr.write(f"WARNING: {script} with {devices} devices failed with exit code {out.returncode} "
+                         f"(-9: killed, usually out of memory); keeping its {len(rows)} finished rows\n")
+    return rows
 
 
 def print_table(rows: list[dict], columns: list[str]):
