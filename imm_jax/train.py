@@ -27,6 +27,7 @@ import optax
 
 from imm_jax import checkpointing
 from imm_jax import config_validation
+from imm_jax import images
 from imm_jax import input_pipeline
 from imm_jax import optim
 from imm_jax import sharding as sharding_lib
@@ -231,24 +232,6 @@ class MetricWriter:
 
 # ----------------------------------------------------------------------------- sample grids
 
-def to_uint8_grid(images: np.ndarray, ncol: int) -> np.ndarray:
-    """(N, H, W, C) in [-1, 1] -> one (rows*H, ncol*W, C) uint8 image, 1-pixel dark border between tiles."""
-    x = np.clip((np.asarray(images, np.float32) + 1.0) * 127.5 + 0.5, 0, 255).astype(np.uint8)
-    n, h, w, c = x.shape
-    nrow = math.ceil(n / ncol)
-    grid = np.zeros((nrow * (h + 1) + 1, ncol * (w + 1) + 1, c), np.uint8)
-    for i in range(n):
-        r, q = divmod(i, ncol)
-        grid[1 + r * (h + 1):1 + r * (h + 1) + h, 1 + q * (w + 1):1 + q * (w + 1) + w] = x[i]
-    return grid
-
-
-def save_png(path: str, grid: np.ndarray):
-    from PIL import Image
-    img = grid[..., 0] if grid.shape[-1] == 1 else grid
-    Image.fromarray(img).save(path)
-
-
 class GridSampler:
     """Few-step samples from fixed noise and labels, one jit per step count (compiled once, reused)."""
 
@@ -429,8 +412,9 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             ncol = int(math.ceil(math.sqrt(sampler.shape[0])))
             for n_steps, imgs in outs.items():
-                save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
-                         to_uint8_grid(imgs, ncol))
+                as_uint8 = np.clip(np.asarray(imgs, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+                images.save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
+                                images.make_grid(as_uint8, ncol))
 
     step = start
     budget_s = 60.0 * float(tcfg.get("max_train_minutes", 0) or 0)
