@@ -20,7 +20,8 @@ def get_config(arg=None):
     c.seed = 0
     c.model = networks.unet_config(image_size=32, in_channels=3, num_classes=0)
     c.imm = ml_collections.ConfigDict(dict(
-        schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0, t_min=0.006,
+        objective="imm", schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0,
+        t_min=0.006,
         t_max=0.994, particles=4, k=15, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
         label_dropout=0.0, dropout_keys="independent", fused=False))
     c.data = ml_collections.ConfigDict(dict(

@@ -11,6 +11,9 @@ batch 64 instead of 4096, AdamW at lr 1e-3 with warm-up and clipping, k = 7 inst
 steps: most pairs with t < 0.7 hit the base case r = s, so the induction bootstraps within minutes; k = 10 or 12
 still gave formless blobs after 15 CPU-minutes, k = 7 gave recognisable garments of every class after ~900 steps),
 fast EMAs, label dropout 0.1 for classifier-free guidance.
+
+The flow-matching baseline on the same network, data and optimizer (docs/RESULTS.md):
+    python -m imm_jax.main --config=configs/fashion_mnist.py:fm --workdir=runs/fmnist_fm
 """
 import ml_collections
 
@@ -18,13 +21,15 @@ from imm_jax import networks
 
 
 def get_config(arg=None):
-    del arg
+    if arg not in (None, "", "imm", "fm"):
+        raise ValueError(f"configs/fashion_mnist.py:{arg}: use no argument (IMM) or ':fm' (flow matching).")
     c = ml_collections.ConfigDict()
     c.seed = 0
     c.model = networks.dit_config(None, image_size=32, in_channels=1, num_classes=10, hidden_size=128,
                                   depth=4, num_heads=4, patch_size=4)
     c.imm = ml_collections.ConfigDict(dict(
-        schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0, t_min=0.006,
+        objective="imm", schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0,
+        t_min=0.006,
         t_max=0.994, particles=4, k=7, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
         label_dropout=0.1, dropout_keys="independent", fused=False))
     c.data = ml_collections.ConfigDict(dict(
@@ -40,4 +45,8 @@ def get_config(arg=None):
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2, 4), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=2.0,
         sampler="pushforward", grid_size=100, seed=42))
+    if arg == "fm":  # conditional OT flow matching, sampled with Euler (IMM's k, M, mapping, kernel unused)
+        c.imm.objective = "fm"
+        c.sample.sampler = "euler"
+        c.sample.steps = (1, 2, 4, 8)
     return c

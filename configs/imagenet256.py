@@ -45,7 +45,8 @@ def get_config(arg=None):
     c.model = networks.dit_config(args["variant"], image_size=32, in_channels=4, num_classes=1000,
                                   dtype=args["dtype"])
     c.imm = ml_collections.ConfigDict(dict(
-        schedule="fm", f_type="euler_fm", sigma_d=0.5, temb=args["temb"], time_scale=1000.0, t_min=0.0,
+        objective="imm", schedule="fm", f_type="euler_fm", sigma_d=0.5, temb=args["temb"], time_scale=1000.0,
+        t_min=0.0,
         t_max=0.994, particles=4, k=12, min_gap=1e-4 if (headline or args["dtype"] != "float32") else 0.0,
         mapping="eta", a=float(args["a"]), b=4.0, kernel="laplace", label_dropout=0.1,
         dropout_keys="independent", fused=False))

@@ -14,7 +14,8 @@ def get_config(arg=None):
     c.model = networks.dit_config(None, image_size=8, in_channels=1, num_classes=10, hidden_size=32, depth=1,
                                   num_heads=2, patch_size=4)
     c.imm = ml_collections.ConfigDict(dict(
-        schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0, t_min=0.006,
+        objective="imm", schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0,
+        t_min=0.006,
         t_max=0.994, particles=4, k=12, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
         label_dropout=0.1, dropout_keys="independent", fused=False))
     c.data = ml_collections.ConfigDict(dict(

@@ -69,7 +69,18 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
         errors.append(f"config.model.dtype={m.dtype} trains t and r that low precision cannot tell apart; set "
                       "--config.imm.min_gap=1e-4 (and preferably temb='stride', a=2) as in the paper (spec §10).")
 
-    M = int(imm.particles)
+    objective = imm.get("objective", "imm")
+    sampler = config.sample.get("sampler", "pushforward")
+    if objective not in ("imm", "fm"):
+        errors.append(f"config.imm.objective={objective!r}: use 'imm' or 'fm' (the flow-matching baseline).")
+    elif objective == "fm" and sampler not in ("euler", "heun"):
+        errors.append(f"config.imm.objective='fm' trains a velocity; config.sample.sampler={sampler!r} needs an "
+                      "IMM model. Set --config.sample.sampler=euler (or heun).")
+    elif objective == "imm" and sampler in ("euler", "heun"):
+        errors.append(f"config.sample.sampler={sampler!r} integrates a flow-matching velocity, but "
+                      "config.imm.objective='imm'; use pushforward or restart (or train with objective=fm).")
+
+    M = int(imm.particles) if objective == "imm" else 1
     B = int(d.batch_size)
     if M < 1:
         errors.append(f"config.imm.particles={M} must be >= 1 (the paper uses 4).")

@@ -302,3 +302,7 @@ def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool
     per_sample = jnp.mean(jnp.square(v - (eps - x)).reshape(x.shape[0], -1), axis=1) / param.sigma_d ** 2
     loss = jnp.mean(per_sample)
     return loss, {"loss": loss, **_time_bin_metrics(per_sample, t, objective)}
+
+
+# config.imm.objective -> loss function (same signature and metrics layout)
+OBJECTIVES = {"imm": imm_loss, "fm": fm_loss}
