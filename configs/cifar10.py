@@ -32,7 +32,12 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         num_steps=400_000, log_every=100, ckpt_every=5000, keep_checkpoints=3, sample_every=5000,
         ema_decays=(0.9999, 0.999), sample_ema=0.9999,
-        async_checkpoints=True, eval_every=0, max_train_minutes=0.0))
+        async_checkpoints=True, max_train_minutes=0.0))
+    # FID during training on the 10k CIFAR-10 test images (tfds); the paper's FID uses 50k samples vs the train set
+    # (python -m imm_jax.evaluation on exported samples).
+    c.eval = ml_collections.ConfigDict(dict(
+        every=20000, num_samples=10000, steps=(1, 2), batch_size=500, ref_split="test", ref_images=10000,
+        ref_stats="", weights="", seed=1))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2), grid="etas", mid_etas=ml_collections.ConfigDict(dict(s1=(), s2=(1.4,))),

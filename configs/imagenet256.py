@@ -58,9 +58,14 @@ def get_config(arg=None):
     c.train = ml_collections.ConfigDict(dict(
         num_steps=1_200_000, log_every=100, ckpt_every=5000, keep_checkpoints=3, sample_every=0,
         ema_decays=(0.9999, 0.999), sample_ema=0.9999,
-        async_checkpoints=True, eval_every=0, max_train_minutes=0.0))
+        async_checkpoints=True, max_train_minutes=0.0))
     # Local diffusers directory of stabilityai/sd-vae-ft-ema, used to decode samples (imm_jax.sample, FID).
     c.vae = ml_collections.ConfigDict(dict(path="", dtype="float16"))
+    # Latent model: FID needs VAE decoding, which the trainer does not run; export samples with
+    # --mode=sample and use python -m imm_jax.evaluation (see README).
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0, num_samples=10000, steps=(1, 2), batch_size=500, ref_split="validation", ref_images=10000,
+        ref_stats="", weights="", seed=1))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2, 4, 8), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=1.5,

@@ -25,8 +25,11 @@ def get_config(arg=None):
         name="adamw", lr=1e-3, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=2, grad_clip=1.0))
     c.train = ml_collections.ConfigDict(dict(
         num_steps=6, log_every=1, ckpt_every=3, keep_checkpoints=3, sample_every=0, ema_decays=(0.9, 0.5),
-        sample_ema=ml_collections.config_dict.placeholder(float), async_checkpoints=True, eval_every=0,
+        sample_ema=ml_collections.config_dict.placeholder(float), async_checkpoints=True,
         max_train_minutes=0.0))
+    c.eval = ml_collections.ConfigDict(dict(
+        every=0, num_samples=8, steps=(1,), batch_size=8, ref_split="test", ref_images=8, ref_stats="",
+        weights="", seed=1))
     c.mesh = ml_collections.ConfigDict(dict(data=-1, fsdp=1, fsdp_min_size=2**18))
     c.sample = ml_collections.ConfigDict(dict(
         steps=(1, 2), grid="uniform", mid_etas=ml_collections.ConfigDict(), cfg_scale=1.5,

@@ -110,13 +110,26 @@ class Sampler:
         return self._programs[key]
 
     def tuned_for(self, steps: int, grid: str = "uniform", mid_etas: Optional[Sequence[float]] = None,
-                  sampler: str = "pushforward"):
+                  sampler: Optional[str] = None):
         """The loaded TunedVectors for this sampler and grid; ValueError if none matches."""
+        sampler = self.check_sampler(sampler)
         from imm_jax import tuning
         if not self.tuned:
             raise ValueError("no tuned time embeddings are loaded: use imm_jax.load(checkpoint, tuned=True) "
                              "(sets saved beside the checkpoint by python -m imm_jax.tuning).")
         return tuning.select(self.tuned, sampler, self.time_grid(steps, grid, mid_etas))
+
+    def check_sampler(self, sampler: Optional[str]) -> str:
+        """`sampler`, or the config's sample.sampler when None; ValueError if it does not fit the objective."""
+        objective = self.config.imm.get("objective", "imm")
+        if sampler is None:
+            sampler = self.config.get("sample", {}).get("sampler", None) or (
+                "euler" if objective == "fm" else "pushforward")
+        if (objective == "fm") != (sampler in sampling.FM_SAMPLERS):
+            raise ValueError(f"sampler={sampler!r} does not fit this {objective.upper()} model: use "
+                             + ("'euler' or 'heun' (flow matching)" if objective == "fm"
+                                else "'pushforward' or 'restart' (IMM)") + ".")
+        return sampler
 
     def time_grid(self, steps: int, grid: str = "uniform", mid_etas: Optional[Sequence[float]] = None):
         o = self.objective
@@ -124,7 +137,7 @@ class Sampler:
                                   mid_etas=mid_etas)
 
     def generate(self, rng, labels=None, *, steps: int = 1, grid: str = "uniform",
-                 mid_etas: Optional[Sequence[float]] = None, sampler: str = "pushforward",
+                 mid_etas: Optional[Sequence[float]] = None, sampler: Optional[str] = None,
                  cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
                  tuned: Optional[bool] = None):
         """One batch in model space: float32 (B, H, W, C). B = len(labels) or batch_size.
@@ -132,6 +145,7 @@ class Sampler:
         tuned: None uses the loaded tuned time embeddings if any were loaded (then one must match the
         sampler, steps and grid, else ValueError), True requires them, False samples without them.
         """
+        sampler = self.check_sampler(sampler)
         if self.num_classes == 0 and labels is not None:
             raise ValueError("this model is unconditional (num_classes = 0): pass labels=None.")
         if self.num_classes and labels is None:
@@ -179,7 +193,7 @@ class Sampler:
     # -- the user-facing call ------------------------------------------------------------------------------
 
     def __call__(self, num_samples: int, *, preset: Optional[str] = None, steps: Optional[int] = None,
-                 sampler: str = "pushforward", grid: Optional[str] = None,
+                 sampler: Optional[str] = None, grid: Optional[str] = None,
                  mid_etas: Optional[Sequence[float]] = None, cfg_scale: Optional[float] = None,
                  labels=None, seed: int = 0, batch_size: Optional[int] = None, start: int = 0,
                  progress: bool = False, return_labels: bool = False, tuned: Optional[bool] = None):
@@ -276,7 +290,7 @@ def load(checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = 
     return Sampler.from_checkpoint(checkpoint, ema=ema, step=step, vae_path=vae_path, tuned=tuned)
 
 
-def sample(checkpoint: str, num_samples: int, *, steps: Optional[int] = None, sampler: str = "pushforward",
+def sample(checkpoint: str, num_samples: int, *, steps: Optional[int] = None, sampler: Optional[str] = None,
            grid: Optional[str] = None, mid_etas: Optional[Sequence[float]] = None,
            cfg_scale: Optional[float] = None, labels=None, seed: int = 0, batch_size: Optional[int] = None,
            preset: Optional[str] = None, ema: Optional[float] = None, vae_path: Optional[str] = None,
@@ -286,7 +300,8 @@ def sample(checkpoint: str, num_samples: int, *, steps: Optional[int] = None, sa
     Args:
       checkpoint: workdir, checkpoints dir, step dir, or converted official weights.
       steps: sampling steps (1, 2, 4, 8, ...). Defaults: the preset's, else 1.
-      sampler: "pushforward" (default, best in the paper) or "restart".
+      sampler: "pushforward" (best in the paper) or "restart" for IMM models; "euler" or "heun" for the
+        flow-matching baseline. Default: the config's sample.sampler.
       grid: "uniform" | "edm" | "etas" (with mid_etas, e.g. CIFAR-10 2-step mid_etas=(1.4,)).
       cfg_scale: guidance weight w (class-conditional models; default from the config's sample.cfg_scale).
       labels: class ids, one or num_samples of them; None draws them uniformly (seeded).

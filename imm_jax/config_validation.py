@@ -15,7 +15,8 @@ REQUIRED = {
     "mesh": ("data", "fsdp"),
     "sample": ("steps", "cfg_scale"),
 }
-KNOWN_TOP = set(REQUIRED[""]) | {"vae"}  # vae: optional, latent models (decoder path and dtype)
+KNOWN_TOP = set(REQUIRED[""]) | {"vae", "eval"}  # optional: vae (latent models' decoder), eval (FID in training)
+EVAL_FIELDS = ("every", "num_samples", "steps", "batch_size", "ref_split", "ref_images", "ref_stats", "weights", "seed")
 
 
 class ConfigError(ValueError):
@@ -117,9 +118,45 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
     for n in ("num_steps", "log_every", "ckpt_every", "keep_checkpoints"):
         if int(t[n]) < 1:
             errors.append(f"config.train.{n}={t[n]} must be >= 1.")
+    if "eval_every" in t:
+        errors.append("config.train.eval_every moved to config.eval.every (FID during training; see "
+                      "imm_jax/evaluation/in_training.py).")
+    errors.extend(_eval_errors(config))
     for n in ("steps",):
         for s in tuple(config.sample[n]):
             if int(s) < 1:
                 errors.append(f"config.sample.steps contains {s}; each must be >= 1.")
     if errors:
         raise ConfigError("Invalid config:\n  - " + "\n  - ".join(errors))
+
+
+def _eval_errors(config) -> list[str]:
+    """config.eval (optional): FID during training."""
+    import os
+    ev = config.get("eval", None)
+    if ev is None or not int(ev.get("every", 0) or 0):
+        return []
+    missing = [n for n in EVAL_FIELDS if n not in ev and n not in ("ref_stats", "weights", "seed", "ref_split")]
+    if missing:
+        return [f"config.eval.{n} is missing (needed when config.eval.every > 0)." for n in missing]
+    errors = []
+    if int(ev.every) < 0:
+        errors.append(f"config.eval.every={ev.every} must be >= 0 (0 turns FID during training off).")
+    if int(ev.num_samples) < 2:
+        errors.append(f"config.eval.num_samples={ev.num_samples}: FID needs at least 2 samples (1000+ to mean much).")
+    if int(ev.batch_size) < 1:
+        errors.append(f"config.eval.batch_size={ev.batch_size} must be >= 1.")
+    if not tuple(ev.steps) or any(int(s) < 1 for s in tuple(ev.steps)):
+        errors.append(f"config.eval.steps={tuple(ev.steps)}: give one or more step counts >= 1, e.g. (1, 2).")
+    ref_stats = ev.get("ref_stats", "") or ""
+    if config.data.source == "latents":
+        errors.append("config.eval.every > 0 is not supported for latent models (the trainer does not decode "
+                      "through the VAE); set --config.eval.every=0 and evaluate exported samples with "
+                      "python -m imm_jax.evaluation.")
+    elif not (ref_stats and os.path.isfile(ref_stats)) and config.data.source not in ("fashion_mnist", "tfds",
+                                                                                      "synthetic"):
+        errors.append(f"config.eval.ref_stats={ref_stats!r} does not exist and reference images cannot be read from "
+                      f"data.source={config.data.source!r}; make them with python -m imm_jax.evaluation stats.")
+    elif int(ev.ref_images) < 2 and not (ref_stats and os.path.isfile(ref_stats)):
+        errors.append(f"config.eval.ref_images={ev.ref_images}: reference statistics need at least 2 images.")
+    return errors

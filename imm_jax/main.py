@@ -43,9 +43,11 @@ flags.DEFINE_integer("seed", 0, "sample mode: random seed.")
 flags.DEFINE_string("out", None, "sample mode: output directory (default WORKDIR/samples_cli).")
 flags.DEFINE_integer("chunk_size", 1000, "sample mode: samples per resumable chunk.")
 flags.DEFINE_integer("batch_size", 250, "sample mode: samples per device batch (over all local devices).")
-flags.DEFINE_string("sampler", "pushforward", "sample mode: pushforward | restart (IMM), euler | heun (FM).")
+flags.DEFINE_string("sampler", None, "sample mode: pushforward | restart (IMM), euler | heun (FM); "
+                    "default: the config's sample.sampler.")
 flags.DEFINE_string("grid", None, "sample/tune mode: time grid uniform | edm | etas (default config.sample.grid).")
-flags.DEFINE_enum("tune_sampler", "pushforward", ["pushforward", "euler"], "tune mode: sampler to tune (MTEO).")
+flags.DEFINE_enum("tune_sampler", None, ["pushforward", "euler"],
+                  "tune mode: sampler to tune (MTEO); default pushforward for IMM models, euler for FM models.")
 flags.DEFINE_integer("tune_iters", 300, "tune mode: optimisation steps.")
 flags.DEFINE_float("tune_lr", 1e-2, "tune mode: Adam learning rate of the tuned vectors.")
 
@@ -80,8 +82,9 @@ def sample_main(workdir: str):
 def tune_main(workdir: str):
     from imm_jax import checkpointing, tuning
     config, _ = checkpointing.restore_for_sampling(workdir)
+    sampler = FLAGS.tune_sampler or ("euler" if config.imm.get("objective", "imm") == "fm" else "pushforward")
     for n in tuple(FLAGS.steps or config.sample.steps):
-        tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=FLAGS.tune_sampler,
+        tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=sampler,
                          steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr,
                          grid=FLAGS.grid or config.sample.grid, seed=FLAGS.seed + 1)
 

@@ -240,9 +240,13 @@ class MetricWriter:
 # ----------------------------------------------------------------------------- sample grids
 
 class GridSampler:
-    """Few-step samples from fixed noise and labels, one jit per step count (compiled once, reused)."""
+    """Few-step samples from fixed noise and labels, one jit per step count (compiled once, reused).
 
-    def __init__(self, config, net, objective, num_samples: int | None = None):
+    steps: step counts (default config.sample.steps); num_samples: batch (default config.sample.grid_size).
+    `sampler(params)` -> {steps: float (n, H, W, C)}; `sampler.one(steps, params, key, labels)` -> one batch.
+    """
+
+    def __init__(self, config, net, objective, num_samples: int | None = None, steps=None):
         from imm_jax import sampling
         self.config = config
         m, imm, smp = config.model, config.imm, config.sample
@@ -253,16 +257,18 @@ class GridSampler:
         self.key = jax.random.PRNGKey(int(smp.get("seed", 42)))
         cfg_scale = float(smp.cfg_scale) if self.num_classes else None
         self.fns = {}
-        for steps in tuple(smp.steps):
+        for steps in tuple(steps or smp.steps):
             grid = sampling.time_grid(smp.grid, int(steps), schedule=imm.schedule, t_min=float(imm.t_min),
                                       t_max=float(imm.t_max), mid_etas=_mid_etas(smp, int(steps)))
             self.fns[int(steps)] = jax.jit(functools.partial(
                 sampling.generate, net, shape=self.shape, objective=objective, grid=grid,
                 cfg_scale=cfg_scale, sampler=smp.get("sampler", "pushforward")))
 
+    def one(self, steps: int, params, key, labels=None) -> np.ndarray:
+        return np.asarray(jax.device_get(self.fns[steps](params, key, labels=labels)))
+
     def __call__(self, params) -> dict[int, np.ndarray]:
-        return {steps: np.asarray(jax.device_get(fn(params, self.key, labels=self.labels)))
-                for steps, fn in self.fns.items()}
+        return {steps: self.one(steps, params, self.key, self.labels) for steps in self.fns}
 
 
 def _mid_etas(sample_config, steps: int):
@@ -310,10 +316,12 @@ def write_config(config, workdir: str):
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
 
 
-def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), mesh=None) -> dict[str, Any]:
+def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), mesh=None,
+                       fid_extractor=None) -> dict[str, Any]:
     """Trains per `config`, resuming from the latest checkpoint in `workdir/checkpoints` if there is one.
 
     hooks: callables hook(step, state, metrics) run after every step (step = updates done so far).
+    fid_extractor: feature extractor for FID during training (config.eval.every > 0); default Inception.
     Returns a summary dict: final_step, preempted, last_metrics.
     """
     is_host0 = jax.process_index() == 0
@@ -346,7 +354,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
     num_steps = int(tcfg.num_steps)
     log_every, ckpt_every = int(tcfg.log_every), int(tcfg.ckpt_every)
     sample_every = int(tcfg.get("sample_every", 0) or 0)
+    eval_every = int(config.get("eval", {}).get("every", 0) or 0)
     writer = MetricWriter(workdir, is_host0)
+    fid_monitor = None
+    if eval_every:
+        from imm_jax.evaluation import in_training
+        fid_monitor = in_training.TrainingFID(
+            config, workdir, lambda n, batch: functools.partial(
+                GridSampler(config, trainer.net, trainer.objective, num_samples=batch, steps=(n,)).one, n),
+            extractor=fid_extractor, is_host0=is_host0)
     sampler = None
     sample_ema_index = _sample_ema_index(config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
@@ -423,6 +439,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                 images.save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
                                 images.make_grid(as_uint8, ncol))
 
+    def evaluate(step: int, st):
+        flush(step)
+        t0 = time.time()
+        fids = fid_monitor(st.ema[sample_ema_index])
+        if is_host0:
+            writer.write(step, fids)
+            print(f"step {step} | " + " | ".join(f"{k} {v:.2f}" for k, v in fids.items())
+                  + f" ({fid_monitor.num_samples} samples, {time.time() - t0:.0f} s)", flush=True)
+
     step = start
     budget_s = 60.0 * float(tcfg.get("max_train_minutes", 0) or 0)
     t_start = time.time()
@@ -457,11 +482,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                     if sample_every and (step % sample_every == 0 or step == num_steps):
                         flush(step)
                         sample(step, state)
+                    if eval_every and (step % eval_every == 0 or step == num_steps):
+                        evaluate(step, state)
                     if stop_now:
                         preempted = preempt.flag or not out_of_time
                         if out_of_time and sample_every and step % sample_every:
                             flush(step)
                             sample(step, state)  # final grids at the end of a time-limited run
+                        if out_of_time and eval_every and step % eval_every:
+                            evaluate(step, state)
                         break
                     if step >= num_steps:
                         break

@@ -472,6 +472,11 @@ def tune_main(checkpoint: str, workdir: Optional[str] = None, *, ema: Optional[f
     if "cfg_scale" not in settings and int(config.model.num_classes):
         settings["cfg_scale"] = config.get("sample", {}).get("cfg_scale", None)
     s = TuneSettings(**settings)
+    objective_name = config.imm.get("objective", "imm")
+    if (objective_name == "fm") != (s.sampler == "euler"):
+        raise ValueError(f"sampler={s.sampler!r} does not fit this {objective_name.upper()} checkpoint: tune "
+                         + ("sampler='euler' for a flow-matching model." if objective_name == "fm"
+                            else "sampler='pushforward' for an IMM model."))
     net = networks.build(config.model)
     objective = IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
     image_shape = (int(config.model.image_size),) * 2 + (int(config.model.in_channels),)
