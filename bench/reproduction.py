@@ -1,0 +1,62 @@
+"""FID of trained runs at several step counts (the CPU-scale reproduction, docs/RESULTS.md).
+
+    python bench/reproduction.py --ref REF_STATS.npz --out bench/results/reproduction.json \\
+        --run imm_m4=runs/repro/imm_m4:1,2,4,8 --run fm=runs/repro/fm:1,2,4,8,32,128
+
+Each run's checkpoint is sampled with `imm_jax.load` (the config's sampler: pushforward for IMM, Euler for
+flow matching; its CFG scale; the sampling EMA), N samples with seed 0 and uniform random labels, and
+compared with the reference statistics (`python -m imm_jax.evaluation stats`). Results are appended to the
+JSON file as they finish; entries already there are skipped, so an interrupted run resumes.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--run", action="append", required=True, help="NAME=WORKDIR:STEPS[,STEPS...]")
+    p.add_argument("--ref", required=True, help="reference statistics .npz")
+    p.add_argument("--out", required=True, help="results JSON (appended to, resumable)")
+    p.add_argument("--num-samples", type=int, default=1000)
+    p.add_argument("--batch-size", type=int, default=250)
+    p.add_argument("--seed", type=int, default=0)
+    args = p.parse_args(argv)
+
+    import imm_jax
+    from imm_jax.evaluation.features import FeatureExtractor
+    from imm_jax.evaluation.metrics import FIDEvaluator
+
+    results = []
+    if os.path.isfile(args.out):
+        with open(args.out) as f:
+            results = json.load(f)["rows"]
+    done = {(r["run"], r["steps"]) for r in results}
+    evaluator = FIDEvaluator(args.ref, extractor=FeatureExtractor(batch_size=100))
+    for spec in args.run:
+        name, rest = spec.split("=", 1)
+        workdir, steps_list = rest.rsplit(":", 1)
+        sampler = imm_jax.load(workdir)
+        for steps in (int(s) for s in steps_list.split(",")):
+            if (name, steps) in done:
+                continue
+            t0 = time.time()
+            imgs = sampler(args.num_samples, steps=steps, seed=args.seed, batch_size=args.batch_size)
+            t_sample = time.time() - t0
+            fid = evaluator(imgs)["fid"]
+            row = dict(run=name, workdir=workdir, steps=steps, sampler=sampler.check_sampler(None),
+                       cfg_scale=sampler.config.sample.cfg_scale, ema=sampler.ema, n=args.num_samples,
+                       seed=args.seed, fid=fid, sample_s=round(t_sample, 1),
+                       fid_s=round(time.time() - t0 - t_sample, 1))
+            results.append(row)
+            print(json.dumps(row), flush=True)
+            with open(args.out, "w") as f:
+                json.dump({"command": " ".join(sys.argv), "ref": args.ref, "rows": results}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
