@@ -443,6 +443,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         flush(step)
         t0 = time.time()
         fids = fid_monitor(st.ema[sample_ema_index])
+        if timer["t0"] is not None:
+            timer["t0"] += time.time() - t0  # img/s and ETA count training time only
         if is_host0:
             writer.write(step, fids)
             print(f"step {step} | " + " | ".join(f"{k} {v:.2f}" for k, v in fids.items())
