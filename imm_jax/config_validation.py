@@ -133,6 +133,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
 def _eval_errors(config) -> list[str]:
     """config.eval (optional): FID during training."""
     import os
+    from imm_jax.evaluation.in_training import REFERENCE_SOURCES
     ev = config.get("eval", None)
     if ev is None or not int(ev.get("every", 0) or 0):
         return []
@@ -153,8 +154,7 @@ def _eval_errors(config) -> list[str]:
         errors.append("config.eval.every > 0 is not supported for latent models (the trainer does not decode "
                       "through the VAE); set --config.eval.every=0 and evaluate exported samples with "
                       "python -m imm_jax.evaluation.")
-    elif not (ref_stats and os.path.isfile(ref_stats)) and config.data.source not in ("fashion_mnist", "tfds",
-                                                                                      "synthetic"):
+    elif not (ref_stats and os.path.isfile(ref_stats)) and config.data.source not in REFERENCE_SOURCES:
         errors.append(f"config.eval.ref_stats={ref_stats!r} does not exist and reference images cannot be read from "
                       f"data.source={config.data.source!r}; make them with python -m imm_jax.evaluation stats.")
     elif int(ev.ref_images) < 2 and not (ref_stats and os.path.isfile(ref_stats)):

@@ -1,10 +1,16 @@
-"""Image utilities: tile uint8 samples into one grid and write PNGs."""
+"""Image utilities: model-space images to uint8, tile samples into one grid, write PNGs."""
 from __future__ import annotations
 
 import math
 import os
 
 import numpy as np
+
+
+def to_uint8(x, pad: int = 0) -> np.ndarray:
+    """Model-space images in [-1, 1] (N, H, W, C) -> uint8, with `pad` border pixels cropped off."""
+    img = np.clip(np.asarray(x, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
+    return img[:, pad:img.shape[1] - pad, pad:img.shape[2] - pad] if pad else img
 
 
 def make_grid(images: np.ndarray, ncol: int | None = None, border: int = 1) -> np.ndarray:

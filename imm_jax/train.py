@@ -435,9 +435,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
             ncol = int(math.ceil(math.sqrt(sampler.shape[0])))
             for n_steps, imgs in outs.items():
-                as_uint8 = np.clip(np.asarray(imgs, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
                 images.save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
-                                images.make_grid(as_uint8, ncol))
+                                images.make_grid(images.to_uint8(imgs), ncol))
 
     def evaluate(step: int, st):
         flush(step)

@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 
 import imm_jax
-from imm_jax import config_validation, input_pipeline, losses, sampling, train
+from imm_jax import config_validation, images, input_pipeline, losses, sampling, train
 from imm_jax.evaluation import in_training
 from test_config import load
 
@@ -104,7 +104,7 @@ def test_reference_images_crop_nothing_and_read_the_test_split(tmp_path):
     # samples are cropped by the same padding before comparison
     padded = np.full((1, 32, 32, 1), -1.0, np.float32)
     padded[:, 2:30, 2:30] = 1.0
-    assert in_training.to_uint8(padded, 2).shape == (1, 28, 28, 1) and in_training.to_uint8(padded, 2).min() == 255
+    assert images.to_uint8(padded, 2).shape == (1, 28, 28, 1) and images.to_uint8(padded, 2).min() == 255
 
 
 def test_eval_config_errors_say_what_to_fix():

@@ -20,15 +20,10 @@ import jax
 import numpy as np
 
 from imm_jax.evaluation import metrics
+from imm_jax.images import to_uint8
 
 # data sources whose reference split we can read here; others need config.eval.ref_stats.
 REFERENCE_SOURCES = ("fashion_mnist", "tfds", "synthetic")
-
-
-def to_uint8(x, pad: int = 0) -> np.ndarray:
-    """Model-space images in [-1, 1] (N, H, W, C) -> uint8, with `pad` border pixels cropped off."""
-    img = np.clip(np.asarray(x, np.float32) * 127.5 + 128.0, 0, 255).astype(np.uint8)
-    return img[:, pad:img.shape[1] - pad, pad:img.shape[2] - pad] if pad else img
 
 
 def reference_images(config) -> np.ndarray:
