@@ -1,7 +1,11 @@
 """FID of trained runs at several step counts (the CPU-scale reproduction, docs/RESULTS.md).
 
     python bench/reproduction.py --ref REF_STATS.npz --out bench/results/reproduction.json \\
-        --run imm_m4=runs/repro/imm_m4:1,2,4,8 --run fm=runs/repro/fm:1,2,4,8,32,128
+        --run imm_m4=runs/repro/imm_m4:1,2,4,8 --run fm=runs/repro/fm:1,2,4,8,32,128 \\
+        --tuned-run fm_tuned=runs/repro/fm:3,4,6,8
+
+`--tuned-run` samples with the tuned time embeddings saved beside the checkpoint (`imm_jax.tuning`, issue 8)
+for each step count (an error if a step count has no tuned set) and records the tuning's cost and losses.
 
 Each run's checkpoint is sampled with `imm_jax.load` (the config's sampler: pushforward for IMM, Euler for
 flow matching; its CFG scale; the sampling EMA), N samples with seed 0 and uniform random labels, and
@@ -20,6 +24,8 @@ import time
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--run", action="append", required=True, help="NAME=WORKDIR:STEPS[,STEPS...]")
+    p.add_argument("--tuned-run", action="append", default=[],
+                   help="NAME=WORKDIR:STEPS[,STEPS...], sampled with the tuned time embeddings")
     p.add_argument("--ref", required=True, help="reference statistics .npz")
     p.add_argument("--out", required=True, help="results JSON (appended to, resumable)")
     p.add_argument("--num-samples", type=int, default=1000)
@@ -31,31 +37,42 @@ def main(argv=None):
     from imm_jax.evaluation.features import FeatureExtractor
     from imm_jax.evaluation.metrics import FIDEvaluator
 
-    results = []
+    results, commands = [], []
     if os.path.isfile(args.out):
         with open(args.out) as f:
-            results = json.load(f)["rows"]
+            previous = json.load(f)
+        results = previous["rows"]
+        commands = previous.get("commands") or [previous["command"]]
+    commands.append(" ".join(sys.argv))
     done = {(r["run"], r["steps"]) for r in results}
     evaluator = FIDEvaluator(args.ref, extractor=FeatureExtractor(batch_size=100))
-    for spec in args.run:
+    specs = [(s, False) for s in args.run] + [(s, True) for s in args.tuned_run]
+    for spec, tuned in specs:
         name, rest = spec.split("=", 1)
         workdir, steps_list = rest.rsplit(":", 1)
-        sampler = imm_jax.load(workdir)
+        sampler = imm_jax.load(workdir, tuned=tuned)
         for steps in (int(s) for s in steps_list.split(",")):
             if (name, steps) in done:
                 continue
             t0 = time.time()
-            imgs = sampler(args.num_samples, steps=steps, seed=args.seed, batch_size=args.batch_size)
+            imgs = sampler(args.num_samples, steps=steps, seed=args.seed, batch_size=args.batch_size,
+                           tuned=tuned)
             t_sample = time.time() - t0
             fid = evaluator(imgs)["fid"]
             row = dict(run=name, workdir=workdir, steps=steps, sampler=sampler.check_sampler(None),
                        cfg_scale=sampler.config.sample.cfg_scale, ema=sampler.ema, n=args.num_samples,
                        seed=args.seed, fid=fid, sample_s=round(t_sample, 1),
-                       fid_s=round(time.time() - t0 - t_sample, 1))
+                       fid_s=round(time.time() - t0 - t_sample, 1), tuned=tuned)
+            if tuned:
+                meta = sampler.tuned_for(steps).meta
+                row["tuning"] = {k: meta[k] for k in (
+                    "teacher", "teacher_steps", "loss", "lr", "num_steps", "batch_size", "num_trajectories",
+                    "num_eval", "seed", "eval_loss_before", "eval_loss_after", "reference_seconds",
+                    "tune_seconds", "total_seconds")}
             results.append(row)
             print(json.dumps(row), flush=True)
             with open(args.out, "w") as f:
-                json.dump({"command": " ".join(sys.argv), "ref": args.ref, "rows": results}, f, indent=1)
+                json.dump({"commands": commands, "ref": args.ref, "rows": results}, f, indent=1)
 
 
 if __name__ == "__main__":

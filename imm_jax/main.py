@@ -50,6 +50,13 @@ flags.DEFINE_enum("tune_sampler", None, ["pushforward", "euler"],
                   "tune mode: sampler to tune (MTEO); default pushforward for IMM models, euler for FM models.")
 flags.DEFINE_integer("tune_iters", 300, "tune mode: optimisation steps.")
 flags.DEFINE_float("tune_lr", 1e-2, "tune mode: Adam learning rate of the tuned vectors.")
+flags.DEFINE_integer("tune_batch_size", 64, "tune mode: trajectories per optimisation step.")
+flags.DEFINE_integer("tune_trajectories", 1024, "tune mode: teacher trajectories to train on.")
+flags.DEFINE_integer("tune_eval", 256, "tune mode: held-out teacher trajectories for the reported loss.")
+flags.DEFINE_integer("tune_teacher_steps", None,
+                     "tune mode: teacher steps (default 128 Euler for FM models, 16 pushforward for IMM models).")
+flags.DEFINE_bool("tuned", False, "sample mode: use the tuned time embeddings saved beside the checkpoint by "
+                  "--mode=tune (error if none matches the sampler/steps/grid).")
 
 
 def _init_distributed():
@@ -68,7 +75,7 @@ def _init_distributed():
 def sample_main(workdir: str):
     """Per step count: <out>/<N>step/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
     from imm_jax import api, export
-    sampler = api.load(workdir, ema=FLAGS.ema)
+    sampler = api.load(workdir, ema=FLAGS.ema, tuned=FLAGS.tuned or None)
     steps_list = tuple(FLAGS.steps or sampler.config.sample.steps)
     out = FLAGS.out or os.path.join(workdir, "samples_cli")
     for steps in steps_list:
@@ -86,6 +93,8 @@ def tune_main(workdir: str):
     for n in tuple(FLAGS.steps or config.sample.steps):
         tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=sampler,
                          steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr,
+                         batch_size=FLAGS.tune_batch_size, num_trajectories=FLAGS.tune_trajectories,
+                         num_eval=FLAGS.tune_eval, teacher_steps=FLAGS.tune_teacher_steps,
                          grid=FLAGS.grid or config.sample.grid, seed=FLAGS.seed + 1)
 
 

@@ -47,6 +47,20 @@ def test_cli_train_then_sample(tmp_path):
     assert x.shape == (4, 8, 8, 1) and x.dtype == np.uint8
     assert os.path.exists(tmp_path / "samples_cli" / "2step" / "grid.png")
 
+    # MTEO: tune the 2-step sampler, then sample with the tuned set; a step count without one is refused.
+    r = run_main(["--mode=tune", f"--workdir={tmp_path}", "--steps=2", "--tune_iters=2", "--tune_batch_size=8",
+                  "--tune_trajectories=16", "--tune_eval=8", "--tune_teacher_steps=4"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "held-out loss" in r.stdout and "saved to" in r.stdout
+    r = run_main(["--mode=sample", f"--workdir={tmp_path}", "--num_samples=4", "--steps=2", "--tuned",
+                  f"--out={tmp_path}/tuned"])
+    assert r.returncode == 0, r.stderr[-3000:]
+    xt = np.load(tmp_path / "tuned" / "2step" / "samples.npz")["arr_0"]
+    assert xt.shape == x.shape and xt.dtype == np.uint8
+    r = run_main(["--mode=sample", f"--workdir={tmp_path}", "--num_samples=4", "--steps=1", "--tuned",
+                  f"--out={tmp_path}/tuned"])
+    assert r.returncode != 0 and "no tuned vectors for pushforward 1 steps" in r.stderr
+
 
 @pytest.mark.slow
 def test_sigterm_to_process_checkpoints(tmp_path):
