@@ -9,7 +9,12 @@ import subprocess
 import sys
 import time
 
+from imm_jax import host_memory
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Benchmarks measure what the entry points run with (imm_jax/host_memory.py); IMM_JAX_KEEP_FREED_MEMORY=0
+# measures glibc's defaults instead.
+KEEP_FREED_MEMORY = host_memory.keep_freed_memory()
 
 
 def load_config(name: str, arg=None):
@@ -82,7 +87,7 @@ def machine() -> dict:
     except (OSError, IndexError):
         model = cpu
     return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-                devices=jax.device_count(), date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                devices=jax.device_count(), keep_freed_memory=KEEP_FREED_MEMORY, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def run_child(script: str, args: list[str], devices: int) -> list[dict]:

@@ -76,4 +76,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    from imm_jax import host_memory
+    host_memory.keep_freed_memory()
     main()

@@ -99,6 +99,8 @@ def tune_main(workdir: str):
 
 
 def main(argv):
+    from imm_jax import host_memory
+    host_memory.keep_freed_memory()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:

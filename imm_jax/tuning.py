@@ -533,4 +533,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
 
 if __name__ == "__main__":
+    from imm_jax import host_memory
+    host_memory.keep_freed_memory()
     main(sys.argv[1:])
