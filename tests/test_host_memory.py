@@ -11,8 +11,9 @@ import resource, sys
 import numpy as np
 from imm_jax import host_memory
 applied = host_memory.keep_freed_memory()
+mib = int(sys.argv[1])
 def touch():
-    a = np.ones(64 * 2**20 // 8)  # 64 MiB, written so every page is faulted in
+    a = np.ones(mib * 2**20 // 8)  # written, so every page is faulted in
     del a
 touch()
 before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
@@ -32,7 +33,7 @@ def probe(env_value, mib):
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-@pytest.mark.parametrize("mib", [64, 1024])
+@pytest.mark.parametrize("mib", [64, 2560])  # 2.5 GiB: above the largest positive trim threshold
 def test_freed_blocks_are_reused_without_page_faults(mib):
     applied_off, faults_off = probe("0", mib)  # opt-out: glibc's default, one fresh mmap per block
     applied_on, faults_on = probe("1", mib)
