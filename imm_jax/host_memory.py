@@ -5,8 +5,8 @@ serves blocks that large with fresh mmap()s and unmaps them on free, so every ca
 temporaries page by page: on the 2-core development machine that was ~40% of the CPU time of FID feature
 extraction as kernel time (7.8 M minor faults for 150 images). `keep_freed_memory` makes glibc serve them
 from one heap it never trims (M_MMAP_MAX = 0, one arena, no trim threshold): 0.8 M faults, feature
-extraction 1.85x faster; the narrow DDPM++ train step 1.45x, DiT-S/2 1.10x (its step still faults ~1.3 M
-pages from elsewhere). Figures: docs/PERFORMANCE.md. The price is that the process keeps its peak heap size
+extraction 1.85x faster; the narrow DDPM++ train step 1.45x, DiT-S/2 1.31x (no faults left).
+Figures: docs/PERFORMANCE.md. The price is that the process keeps its peak heap size
 until it exits, which is what a training, sampling or evaluation process wants.
 
 Called by the command-line entry points (`imm_jax.main`, `python -m imm_jax.evaluation`,
@@ -25,7 +25,8 @@ ENV = "IMM_JAX_KEEP_FREED_MEMORY"
 
 # mallopt parameters from glibc's <malloc.h>.
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -2, -4, -8
-# Never trim the heap top: mallopt takes a C int, glibc stores the threshold as size_t, so -1 is "no limit".
+# Never trim the heap top: mallopt takes a C int, glibc stores the threshold as size_t, so -1 is "no limit"
+# (the largest positive int, 2 GiB, still returned a DiT-S/2 step's ~5.5 GB of temporaries every step).
 _TRIM_THRESHOLD = -1
 _TOP_PAD = 2**28  # extra bytes requested per heap growth (address space only until touched)
 
