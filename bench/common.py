@@ -87,7 +87,8 @@ def machine() -> dict:
     except (OSError, IndexError):
         model = cpu
     return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-                devices=jax.device_count(), keep_freed_memory=KEEP_FREED_MEMORY, date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
+                devices=jax.device_count(), keep_freed_memory=KEEP_FREED_MEMORY,
+                date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 
 def run_child(script: str, args: list[str], devices: int) -> list[dict]:
