@@ -86,10 +86,10 @@ class Attention(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        qkv = nn.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x)
+        qkv = layers.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
         out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out)
+        return layers.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out)
 
 
 class Mlp(nn.Module):
@@ -100,9 +100,9 @@ class Mlp(nn.Module):
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        h = nn.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x)
+        h = layers.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x)
         h = nn.gelu(h, approximate=True)
-        return nn.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="fc2")(h)
+        return layers.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="fc2")(h)
 
 
 class PatchEmbed(nn.Module):

@@ -1,6 +1,9 @@
-"""Small building blocks shared by the backbones: dtype parsing, float32 norms, attention."""
+"""Small building blocks shared by the backbones: dtype parsing, float32 norms, token linears, attention."""
 from __future__ import annotations
 
+from typing import Any, Callable
+
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
@@ -31,6 +34,49 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     var = jnp.mean(jnp.square(xg - mean), axis=(1, 3), keepdims=True)
     xg = (xg - mean) * jax.lax.rsqrt(var + eps)
     return xg.reshape(n, h, w, c) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
+
+
+@jax.custom_vjp
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """x (..., K) @ kernel (K, D) + bias (D,) -> (..., D), all in one dtype."""
+    return jnp.dot(x, kernel) + bias
+
+
+def _linear_fwd(x, kernel, bias):
+    return linear(x, kernel, bias), (x, kernel)
+
+
+def _linear_bwd(res, dy):
+    # The weight gradient is one (K, M) x (M, D) matmul over the flattened leading axes. Autodiff's own
+    # transpose (a dot contracting the unflattened leading axes) makes XLA:CPU copy the (M, D) cotangent
+    # into a transposed layout first; this form avoids the copy: DiT-S/2 train step 1.12x faster (bench/).
+    x, kernel = res
+    x2 = x.reshape(-1, x.shape[-1])
+    dy2 = dy.reshape(-1, dy.shape[-1])
+    dx = jnp.dot(dy, kernel.T)
+    d_kernel = jnp.dot(x2.T, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
+    return dx, d_kernel, jnp.sum(dy2, axis=0, dtype=jnp.float32).astype(dy.dtype)
+
+
+linear.defvjp(_linear_fwd, _linear_bwd)
+
+
+class Dense(nn.Module):
+    """Linear layer over the last axis with float32 params `kernel` (K, D) and `bias` (D,).
+
+    Same params, initialisation and values as `flax.linen.Dense(features, dtype=dtype)`; computes in
+    `dtype` and differentiates through `linear` (reverse mode only; no `jax.jvp`).
+    """
+    features: int
+    dtype: Any = jnp.float32
+    kernel_init: Callable = nn.initializers.lecun_normal()
+    bias_init: Callable = nn.initializers.zeros
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
+        bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
+        return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
