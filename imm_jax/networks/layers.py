@@ -1,6 +1,7 @@
 """Small building blocks shared by the backbones: dtype parsing, float32 norms, token linears, attention."""
 from __future__ import annotations
 
+import functools
 from typing import Any, Callable
 
 import flax.linen as nn
@@ -77,6 +78,45 @@ class Dense(nn.Module):
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
         return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+    """Stride-1 2-D convolution, NHWC x (B, H, W, Cin) with HWIO kernel (k, k, Cin, Cout), zero padding
+    `pad` on each side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, Cout), in x's dtype."""
+    return _conv2d(pad, x, kernel)
+
+
+def _conv_nhwc(x, kernel, pad):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
+def _conv2d(pad, x, kernel):
+    return _conv_nhwc(x, kernel, pad)
+
+
+def _conv2d_fwd(pad, x, kernel):
+    return _conv_nhwc(x, kernel, pad), (x, kernel)
+
+
+def _conv2d_bwd(pad, res, dy):
+    # XLA:CPU's own convolution backward runs at ~12 GFLOP/s for 3x3 convs at 32x32x64 (bench/): the
+    # input gradient is written as a forward convolution (kernel rotated 180 degrees, in/out swapped),
+    # the kernel gradient as one matmul over im2col patches of x; 5.9x faster there, 1.2-1.5x at 16x16/8x8.
+    x, kernel = res
+    k = kernel.shape[0]
+    flipped = jnp.flip(kernel, (0, 1)).swapaxes(2, 3)
+    dx = _conv_nhwc(dy, flipped, k - 1 - pad)
+    ho, wo = dy.shape[1], dy.shape[2]
+    xp = jnp.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    cols = jnp.concatenate([xp[:, i:i + ho, j:j + wo] for i in range(k) for j in range(k)], axis=-1)
+    d_kernel = jnp.dot(cols.reshape(-1, cols.shape[-1]).T, dy.reshape(-1, dy.shape[-1]),
+                       preferred_element_type=jnp.float32)
+    return dx, d_kernel.reshape(kernel.shape).astype(kernel.dtype)
+
+
+_conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:

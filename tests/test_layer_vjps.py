@@ -1,4 +1,4 @@
-"""layers.linear / layers.Dense (hand-written backward) against NumPy, autodiff and flax.linen.Dense."""
+"""layers.linear / layers.Dense / layers.conv2d (hand-written backwards) against NumPy, autodiff and flax."""
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -65,3 +65,56 @@ def test_bfloat16_computes_in_dtype_with_float32_param_grads():
     for name in ("kernel", "bias"):
         assert g["params"][name].dtype == jnp.float32
         np.testing.assert_allclose(g["params"][name], ref["params"][name], rtol=0.05, atol=0.05)
+
+
+def numpy_conv(x, kernel, pad):
+    x, kernel = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    k = kernel.shape[0]
+    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
+    ho, wo = xp.shape[1] - k + 1, xp.shape[2] - k + 1
+    out = np.zeros(x.shape[:1] + (ho, wo, kernel.shape[-1]))
+    for i in range(k):
+        for j in range(k):
+            out += np.einsum("bhwc,cd->bhwd", xp[:, i:i + ho, j:j + wo], kernel[i, j])
+    return out
+
+
+def autodiff_conv(x, kernel, pad):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+
+
+@pytest.mark.parametrize("k,pad", [(3, 1), (3, 2), (3, 0), (1, 0), (5, 2)])
+def test_conv2d_values_and_gradients(k, pad):
+    r = np.random.default_rng(k * 10 + pad)
+    x = jnp.asarray(r.normal(size=(2, 6, 5, 3)), jnp.float32)
+    kernel = jnp.asarray(r.normal(size=(k, k, 3, 4)), jnp.float32)
+    y = layers.conv2d(x, kernel, pad)
+    np.testing.assert_allclose(y, numpy_conv(x, kernel, pad), rtol=1e-5, atol=1e-5)
+    g = jnp.asarray(r.normal(size=y.shape), jnp.float32)
+    ours = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, pad) * g), argnums=(0, 1))(x, kernel)
+    ref = jax.grad(lambda x, w: jnp.sum(autodiff_conv(x, w, pad) * g), argnums=(0, 1))(x, kernel)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape and float(jnp.max(jnp.abs(b))) > 1e-2
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+    # One directional derivative against central differences of the NumPy forward (float64).
+    f = lambda x, w: np.sum(numpy_conv(x, w, pad) * np.asarray(g, np.float64))
+    dx, dw = (r.normal(size=a.shape) for a in (x, kernel))
+    x64, w64 = np.asarray(x, np.float64), np.asarray(kernel, np.float64)
+    fd = (f(x64 + 1e-6 * dx, w64 + 1e-6 * dw) - f(x64 - 1e-6 * dx, w64 - 1e-6 * dw)) / 2e-6
+    np.testing.assert_allclose(np.sum(np.asarray(ours[0], np.float64) * dx)
+                               + np.sum(np.asarray(ours[1], np.float64) * dw), fd, rtol=1e-4)
+
+
+def test_conv2d_bfloat16_keeps_dtypes():
+    r = np.random.default_rng(3)
+    x = jnp.asarray(r.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
+    kernel = jnp.asarray(r.normal(size=(3, 3, 4, 4)) * 0.3, jnp.bfloat16)
+    assert layers.conv2d(x, kernel, 1).dtype == jnp.bfloat16
+    dx, dw = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1).astype(jnp.float32) ** 2), argnums=(0, 1))(x, kernel)
+    rx, rw = jax.grad(lambda x, w: jnp.sum(autodiff_conv(x, w, 1) ** 2), argnums=(0, 1))(
+        x.astype(jnp.float32), kernel.astype(jnp.float32))
+    assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16
+    for a, b in ((dx, rx), (dw, rw)):
+        scale = float(jnp.max(jnp.abs(b)))
+        np.testing.assert_allclose(np.asarray(a, np.float32) / scale, b / scale, atol=0.05)
