@@ -50,7 +50,8 @@ def _linear_fwd(x, kernel, bias):
 def _linear_bwd(res, dy):
     # The weight gradient is one (K, M) x (M, D) matmul over the flattened leading axes. Autodiff's own
     # transpose (a dot contracting the unflattened leading axes) makes XLA:CPU copy the (M, D) cotangent
-    # into a transposed layout first; this form avoids the copy: DiT-S/2 train step 1.12x faster (bench/).
+    # into a transposed layout first; this form avoids the copy (DiT-S/2 train step ~1.1x faster, see
+    # docs/PERFORMANCE.md).
     x, kernel = res
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
@@ -101,7 +102,7 @@ def _conv2d_fwd(pad, x, kernel):
 
 
 def _conv2d_bwd(pad, res, dy):
-    # XLA:CPU's own convolution backward runs at ~12 GFLOP/s for 3x3 convs at 32x32x64 (bench/): the
+    # XLA:CPU's own convolution backward runs at ~12 GFLOP/s for 3x3 convs at 32x32x64 (docs/PERFORMANCE.md): the
     # input gradient is written as a forward convolution (kernel rotated 180 degrees, in/out swapped),
     # the kernel gradient as one matmul over im2col patches of x; 5.9x faster there, 1.2-1.5x at 16x16/8x8.
     x, kernel = res

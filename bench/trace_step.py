@@ -1,0 +1,137 @@
+"""Where one IMM train step spends its time, per XLA:CPU operation (from a profiler trace).
+
+    python bench/trace_step.py --model dit_s2 --out bench/results/trace_step.json
+
+Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
+events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
+FLOPs and GFLOP/s, elementwise fusions, copies. XLA:CPU may run independent operations concurrently, so
+per-operation times overlap and sum to more than the step; read the groups as relative costs. Writes JSON.
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import gzip
+import json
+import os
+import re
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+LAYERS = ("qkv", "attn/proj", "fc1", "fc2", "adaLN", "x_embedder", "final_layer", "conv0", "conv1", "skip",
+          "attn")
+
+
+def _dims(shape: str) -> list[int]:
+    m = re.match(r"\w+\[([^\]]*)\]", shape)
+    return [int(d) for d in m.group(1).split(",") if d] if m else []
+
+
+def parse_hlo(text: str) -> dict[str, dict]:
+    """Entry-computation instruction name -> op, metadata op_name, dot FLOPs (including fused dots)."""
+    comps, cur, entry = {}, None, None
+    inst = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)$")
+    for line in text.splitlines():
+        head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
+        if head:
+            cur = comps.setdefault(head.group(1), {})
+            entry = head.group(1) if line.startswith("ENTRY") else entry
+            continue
+        m = inst.match(line)
+        if m and cur is not None:
+            cur[m.group(1)] = dict(shape=m.group(2), op=m.group(3), rest=m.group(4))
+
+    def dot_flops(comp, ins):
+        lhs = comps[comp].get(re.findall(r"%([\w.\-]+)", ins["rest"])[0])
+        contracting = re.search(r"lhs_contracting_dims=\{([^}]*)\}", ins["rest"])
+        k = 1
+        if lhs and contracting:
+            ld = _dims(lhs["shape"])
+            for i in filter(None, contracting.group(1).split(",")):
+                k *= ld[int(i)]
+        n = 1
+        for d in _dims(ins["shape"]):
+            n *= d
+        return 2 * n * k
+
+    info = {}
+    for name, ins in comps[entry].items():
+        called = re.search(r"calls=%([\w.\-]+)", ins["rest"])
+        body = comps.get(called.group(1), {}) if called else {}
+        dots = [(called.group(1), i) for i in body.values() if i["op"] in ("dot", "convolution")]
+        if ins["op"] in ("dot", "convolution"):
+            dots.append((entry, ins))
+        flops = sum(dot_flops(c, i) for c, i in dots if i["op"] == "dot")
+        op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
+        info[name] = dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", flops=flops,
+                          dots=len(dots), convs=sum(i["op"] == "convolution" for _, i in dots))
+    return info
+
+
+def group(i: dict) -> tuple[str, str, str]:
+    direction = "backward" if "transpose(" in i["op_name"] else "forward"
+    layer = next((key for key in LAYERS if f"/{key}/" in i["op_name"] or i["op_name"].endswith(f"/{key}")), "other")
+    kind = "conv" if i["convs"] else "dot" if i["dots"] else "copy" if i["op"] == "copy" else "elementwise/other"
+    return direction, layer if kind in ("dot", "conv") else "-", kind
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="dit_s2", choices=["dit_s2", "ddpmpp_narrow"])
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--fused", action="store_true")
+    p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "trace_step.json"))
+    args = p.parse_args()
+    common.set_cpu_devices(1)
+    import jax
+    import numpy as np
+    import train_step as ts_bench
+    from imm_jax import train
+
+    config = ts_bench.bench_config(args.model, args.batch, args.fused)
+    trainer = train.Trainer(config)
+    m = config.model
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (args.batch, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
+             "label": rng.integers(0, max(m.num_classes, 1), args.batch).astype(np.int32)}
+    batch = jax.device_put(batch, trainer.batch_sharding)
+    compiled = trainer.train_step.lower(trainer.init(), batch).compile()
+    info = parse_hlo(compiled.as_text())
+    holder = [trainer.init()]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    run()  # warm-up
+    with tempfile.TemporaryDirectory() as tmp:
+        with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            t0 = time.perf_counter()
+            run()
+            step_s = time.perf_counter() - t0
+        trace = json.load(gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)[0]))
+    events = trace["traceEvents"] if isinstance(trace, dict) else trace
+    totals = collections.defaultdict(lambda: dict(ms=0.0, gflop=0.0, ops=0))
+    for e in events:
+        if e.get("ph") == "X" and e["name"] in info:
+            g = totals[group(info[e["name"]])]
+            g["ms"] += e["dur"] / 1e3
+            g["gflop"] += info[e["name"]]["flops"] / 1e9
+            g["ops"] += 1
+    op_ms = sum(g["ms"] for g in totals.values())
+    rows = [dict(direction=k[0], layer=k[1], kind=k[2], ms=g["ms"], share=g["ms"] / op_ms, ops=g["ops"],
+                 gflop=g["gflop"], gflop_s=g["gflop"] / (g["ms"] / 1e3) if g["gflop"] else None)
+            for k, g in sorted(totals.items(), key=lambda kv: -kv[1]["ms"])]
+    print(f"traced step {step_s:.2f} s; operation times sum to {op_ms / 1e3:.2f} s (concurrent operations overlap)")
+    common.print_table(rows, ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"])
+    common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), model=args.model,
+                                     step_s=step_s, op_ms=op_ms, rows=rows))
+
+
+if __name__ == "__main__":
+    main()
