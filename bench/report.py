@@ -17,6 +17,7 @@ TABLES = {
                         "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_useful", "compile_s", "mem_mb_per_device",
                        "user_s_per_step", "sys_s_per_step", "page_faults_per_step"],
     "profile_step.json": ["part", "ms", "gflop", "gflop_s", "frac_peak", "compile_s"],
+    "trace_step.json": ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"],
     "sampling.json": ["model", "steps", "cfg", "batch", "devices", "nfe_per_image", "batch_s", "img_s",
                       "ms_per_nfe_img", "first_call_s"],
     "fid_features.json": ["input", "batch", "devices", "batch_s", "img_s", "gflop_img", "gflop_s", "frac_peak",

@@ -16,6 +16,7 @@ import gzip
 import json
 import os
 import re
+import resource
 import sys
 import tempfile
 import time
@@ -85,6 +86,7 @@ def main():
     p.add_argument("--model", default="dit_s2", choices=["dit_s2", "ddpmpp_narrow"])
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--fused", action="store_true")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps before the traced one")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "trace_step.json"))
     args = p.parse_args()
     common.set_cpu_devices(1)
@@ -108,12 +110,15 @@ def main():
         holder[0], metrics = compiled(holder[0], batch)
         jax.block_until_ready(metrics["loss"])
 
-    run()  # warm-up
+    for _ in range(args.warmup):
+        run()
     with tempfile.TemporaryDirectory() as tmp:
         with jax.profiler.trace(tmp, create_perfetto_trace=True):
+            r0 = resource.getrusage(resource.RUSAGE_SELF)
             t0 = time.perf_counter()
             run()
             step_s = time.perf_counter() - t0
+            page_faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt - r0.ru_minflt
         trace = json.load(gzip.open(glob.glob(f"{tmp}/**/perfetto_trace.json.gz", recursive=True)[0]))
     events = trace["traceEvents"] if isinstance(trace, dict) else trace
     totals = collections.defaultdict(lambda: dict(ms=0.0, gflop=0.0, ops=0))
@@ -127,10 +132,12 @@ def main():
     rows = [dict(direction=k[0], layer=k[1], kind=k[2], ms=g["ms"], share=g["ms"] / op_ms, ops=g["ops"],
                  gflop=g["gflop"], gflop_s=g["gflop"] / (g["ms"] / 1e3) if g["gflop"] else None)
             for k, g in sorted(totals.items(), key=lambda kv: -kv[1]["ms"])]
-    print(f"traced step {step_s:.2f} s; operation times sum to {op_ms / 1e3:.2f} s (concurrent operations overlap)")
+    print(f"traced step {step_s:.2f} s ({page_faults} page faults); operation times sum to {op_ms / 1e3:.2f} s "
+          "(concurrent operations overlap)")
     common.print_table(rows, ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"])
     common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), model=args.model,
-                                     step_s=step_s, op_ms=op_ms, rows=rows))
+                                     step_s=step_s, op_ms=op_ms, page_faults=page_faults,
+                                     rows=rows))
 
 
 if __name__ == "__main__":
