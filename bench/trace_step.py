@@ -5,7 +5,8 @@
 Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
 events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
 FLOPs and GFLOP/s, elementwise fusions, copies. XLA:CPU may run independent operations concurrently, so
-per-operation times overlap and sum to more than the step; read the groups as relative costs. Writes JSON.
+per-operation times overlap and sum to more than the step; read the groups as relative costs. `gflop` counts
+matmuls (dots) only, not convolutions. Writes JSON.
 """
 from __future__ import annotations
 
@@ -102,9 +103,10 @@ def main():
     batch = {"image": rng.uniform(-1, 1, (args.batch, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
              "label": rng.integers(0, max(m.num_classes, 1), args.batch).astype(np.int32)}
     batch = jax.device_put(batch, trainer.batch_sharding)
-    compiled = trainer.train_step.lower(trainer.init(), batch).compile()
+    state = trainer.init()
+    compiled = trainer.train_step.lower(state, batch).compile()
     info = parse_hlo(compiled.as_text())
-    holder = [trainer.init()]
+    holder = [state]
 
     def run():
         holder[0], metrics = compiled(holder[0], batch)
