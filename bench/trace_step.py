@@ -92,26 +92,10 @@ def main():
     args = p.parse_args()
     common.set_cpu_devices(1)
     import jax
-    import numpy as np
     import train_step as ts_bench
-    from imm_jax import train
 
-    config = ts_bench.bench_config(args.model, args.batch, args.fused)
-    trainer = train.Trainer(config)
-    m = config.model
-    rng = np.random.default_rng(0)
-    batch = {"image": rng.uniform(-1, 1, (args.batch, m.image_size, m.image_size, m.in_channels)).astype(np.float32),
-             "label": rng.integers(0, max(m.num_classes, 1), args.batch).astype(np.int32)}
-    batch = jax.device_put(batch, trainer.batch_sharding)
-    state = trainer.init()
-    compiled = trainer.train_step.lower(state, batch).compile()
+    run, compiled, _ = ts_bench.compiled_step(args.model, args.batch, args.fused)
     info = parse_hlo(compiled.as_text())
-    holder = [state]
-
-    def run():
-        holder[0], metrics = compiled(holder[0], batch)
-        jax.block_until_ready(metrics["loss"])
-
     for _ in range(args.warmup):
         run()
     with tempfile.TemporaryDirectory() as tmp:

@@ -36,35 +36,44 @@ def bench_config(model: str, batch: int, fused: bool):
     return c
 
 
-def child(args):
+def compiled_step(model: str, batch_size: int, fused: bool):
+    """The model's compiled IMM train step on a fixed random batch (1 CPU device or the fake-device mesh).
+
+    Returns (run, compiled, compile_s): run() performs one step on the held state and waits for it.
+    """
     import jax
-    import jax.numpy as jnp
     import numpy as np
     from imm_jax import train
 
+    config = bench_config(model, batch_size, fused)
+    trainer = train.Trainer(config)
+    m = config.model
+    rng = np.random.default_rng(0)
+    batch = {"image": rng.uniform(-1, 1, (batch_size, m.image_size, m.image_size, m.in_channels)).astype(np.float32)}
+    if m.num_classes:
+        batch["label"] = rng.integers(0, m.num_classes, batch_size).astype(np.int32)
+    else:
+        batch["label"] = np.zeros(batch_size, np.int32)
+    batch = jax.device_put(batch, trainer.batch_sharding)
+    state = trainer.init()
+    t0 = time.perf_counter()
+    compiled = trainer.train_step.lower(state, batch).compile()
+    compile_s = time.perf_counter() - t0
+    holder = [state]
+
+    def run():
+        holder[0], metrics = compiled(holder[0], batch)
+        jax.block_until_ready(metrics["loss"])
+
+    return run, compiled, compile_s
+
+
+def child(args):
+    import jax
+
     for model in args.models:
         for fused in args.fused:
-            config = bench_config(model, args.batch, bool(fused))
-            trainer = train.Trainer(config)
-            m = config.model
-            rng = np.random.default_rng(0)
-            batch = {"image": rng.uniform(-1, 1, (args.batch, m.image_size, m.image_size, m.in_channels)
-                                          ).astype(np.float32)}
-            if m.num_classes:
-                batch["label"] = rng.integers(0, m.num_classes, args.batch).astype(np.int32)
-            else:
-                batch["label"] = np.zeros(args.batch, np.int32)
-            batch = jax.device_put(batch, trainer.batch_sharding)
-            state = trainer.init()
-            t0 = time.perf_counter()
-            compiled = trainer.train_step.lower(state, batch).compile()
-            compile_s = time.perf_counter() - t0
-            holder = [state]
-
-            def run():
-                holder[0], metrics = compiled(holder[0], batch)
-                jax.block_until_ready(metrics["loss"])
-
+            run, compiled, compile_s = compiled_step(model, args.batch, bool(fused))
             for _ in range(args.warmup):
                 run()
             r0 = resource.getrusage(resource.RUSAGE_SELF)
