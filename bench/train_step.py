@@ -5,7 +5,9 @@
 
 For each model: fused vs two-pass online/target forward, on 1 and 8 (fake) CPU devices. Reports images/s,
 achieved FLOP/s (XLA cost analysis of the compiled step / measured step time), the ratio to the float32
-matmul peak measured in the same process, compile time and XLA's planned peak memory per device (arguments + outputs + temporaries).
+matmul peak measured in the same process (frac_peak: median step against the best-of-10 peak measured after
+the steps; frac_peak_interleaved: median over steps of each step against the peak measured right before and
+after it), compile time and XLA's planned peak memory per device (arguments + outputs + temporaries).
 """
 from __future__ import annotations
 
@@ -68,6 +70,28 @@ def compiled_step(model: str, batch_size: int, fused: bool):
     return run, compiled, compile_s
 
 
+def timed_steps_with_peak(run, iters: int):
+    """Times `iters` calls of run(), measuring the matmul peak (best of 5) before each call and after the last.
+
+    Returns (step seconds, iters + 1 peaks in FLOP/s, getrusage deltas per step over the steps only).
+    The host's speed drifts by +-10% within minutes, so each step is compared with the peak around it.
+    """
+    times, peaks = [], [common.matmul_peak_flops(iters=5)]
+    user = sys_s = faults = 0.0
+    for _ in range(iters):
+        r0 = resource.getrusage(resource.RUSAGE_SELF)
+        t0 = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - t0)
+        r1 = resource.getrusage(resource.RUSAGE_SELF)
+        user += r1.ru_utime - r0.ru_utime
+        sys_s += r1.ru_stime - r0.ru_stime
+        faults += r1.ru_minflt - r0.ru_minflt
+        peaks.append(common.matmul_peak_flops(iters=5))
+    usage = dict(user_s_per_step=user / iters, sys_s_per_step=sys_s / iters, page_faults_per_step=int(faults) // iters)
+    return times, peaks, usage
+
+
 def child(args):
     import jax
 
@@ -76,21 +100,20 @@ def child(args):
             run, compiled, compile_s = compiled_step(model, args.batch, bool(fused))
             for _ in range(args.warmup):
                 run()
-            r0 = resource.getrusage(resource.RUSAGE_SELF)
-            times = common.time_calls(run, args.iters, warmup=0)
-            r1 = resource.getrusage(resource.RUSAGE_SELF)
-            usage = dict(user_s_per_step=(r1.ru_utime - r0.ru_utime) / args.iters,
-                         sys_s_per_step=(r1.ru_stime - r0.ru_stime) / args.iters,
-                         page_faults_per_step=(r1.ru_minflt - r0.ru_minflt) // args.iters)
-            # The peak is measured right after the step so both see the same machine load.
+            times, peaks, usage = timed_steps_with_peak(run, args.iters)
+            # The peak is also measured once more after the steps (best of 10), as in earlier runs.
             peak = common.matmul_peak_flops()
             step_s, best_s = common.median(times), min(times)
             # XLA's cost analysis of an SPMD program counts one partition: scale to the whole step.
             flops = common.cost_flops(compiled) * jax.device_count()
+            # Per step against the mean of the peaks measured right before and right after it.
+            fracs = [flops / t / ((a + b) / 2) for t, a, b in zip(times, peaks, peaks[1:])]
             print(json_line(dict(model=model, fused=bool(fused), devices=jax.device_count(), batch=args.batch,
                                  step_ms=1e3 * step_s, best_ms=1e3 * best_s, img_s=args.batch / step_s,
                                  gflop_step=flops / 1e9, gflop_s=flops / step_s / 1e9, peak_gflop_s=peak / 1e9,
                                  frac_peak=flops / step_s / peak, frac_peak_best=flops / best_s / peak,
+                                 frac_peak_interleaved=common.median(fracs),
+                                 peaks_interleaved_gflop_s=[round(x / 1e9, 1) for x in peaks],
                                  compile_s=compile_s, mem_mb_per_device=common.memory_bytes(compiled) / 2**20,
                                  times_ms=[round(1e3 * t, 1) for t in times], **usage)), flush=True)
 
@@ -107,7 +130,7 @@ def main():
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--fused", nargs="+", type=int, default=[0, 1], help="1: fused online/target pass, 0: two-pass")
     p.add_argument("--iters", type=int, default=3, help="timed steps per setting")
-    p.add_argument("--warmup", type=int, default=1, help="untimed steps after compilation")
+    p.add_argument("--warmup", type=int, default=2, help="untimed steps after compilation")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "train_step.json"))
     p.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -126,7 +149,8 @@ def main():
         if u is not None:
             r["frac_peak_useful"] = u / (r["step_ms"] / 1e3) / r["peak_gflop_s"]
     common.print_table(rows, ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
-                              "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_useful", "compile_s",
+                              "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful",
+                              "compile_s",
                               "mem_mb_per_device"])
     common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), rows=rows))
 
