@@ -27,7 +27,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imm_jax import networks, sampling
-from imm_jax.losses import IMMObjective
+from imm_jax.losses import IMMObjective, objective_name
 
 # The paper's sampler settings (spec §5, §7): CIFAR-10 unconditional, ImageNet-256 uniform grids, CFG 1.5.
 PRESETS = {
@@ -121,10 +121,9 @@ class Sampler:
 
     def check_sampler(self, sampler: Optional[str]) -> str:
         """`sampler`, or the config's sample.sampler when None; ValueError if it does not fit the objective."""
-        objective = self.config.imm.get("objective", "imm")
+        objective = objective_name(self.config)
         if sampler is None:
-            sampler = self.config.get("sample", {}).get("sampler", None) or (
-                "euler" if objective == "fm" else "pushforward")
+            sampler = self.config.get("sample", {}).get("sampler", None) or sampling.default_sampler(objective)
         if (objective == "fm") != (sampler in sampling.FM_SAMPLERS):
             raise ValueError(f"sampler={sampler!r} does not fit this {objective.upper()} model: use "
                              + ("'euler' or 'heun' (flow matching)" if objective == "fm"

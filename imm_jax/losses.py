@@ -306,3 +306,8 @@ def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool
 
 # config.imm.objective -> loss function (same signature and metrics layout)
 OBJECTIVES = {"imm": imm_loss, "fm": fm_loss}
+
+
+def objective_name(config) -> str:
+    """config.imm.objective: "imm" (default) or "fm" (the flow-matching baseline on the same network)."""
+    return str(config.imm.get("objective", "imm"))

@@ -89,7 +89,8 @@ def sample_main(workdir: str):
 def tune_main(workdir: str):
     from imm_jax import checkpointing, tuning
     config, _ = checkpointing.restore_for_sampling(workdir)
-    sampler = FLAGS.tune_sampler or ("euler" if config.imm.get("objective", "imm") == "fm" else "pushforward")
+    from imm_jax import losses, sampling
+    sampler = FLAGS.tune_sampler or sampling.default_sampler(losses.objective_name(config))
     for n in tuple(FLAGS.steps or config.sample.steps):
         tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=sampler,
                          steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr,

@@ -29,6 +29,11 @@ IMM_SAMPLERS = ("pushforward", "restart")  # need an IMM-trained f_{s,t}
 FM_SAMPLERS = ("euler", "heun")             # integrate a flow-matching velocity (the baseline)
 
 
+def default_sampler(objective: str) -> str:
+    """The sampler used when none is configured: "euler" for a flow-matching model, else "pushforward"."""
+    return "euler" if objective == "fm" else "pushforward"
+
+
 def time_grid(kind: str, steps: int, *, schedule: str, t_min: float, t_max: float,
               mid_etas: Optional[Sequence[float]] = None, rho: float = 7.0) -> np.ndarray:
     """The (steps + 1,) float64 time grid from t_max down to t_min; see module docstring."""

@@ -52,17 +52,12 @@ def make_loss_fn(config, net, objective) -> Callable:
     from imm_jax import losses
     conditional = int(config.model.num_classes) > 0
 
-    loss = losses.OBJECTIVES[objective_name(config)]
+    loss = losses.OBJECTIVES[losses.objective_name(config)]
 
     def loss_fn(params, batch, key):
         labels = batch["label"] if conditional else None
         return loss(net, params, batch["image"], labels, key, objective=objective, train=True)
     return loss_fn
-
-
-def objective_name(config) -> str:
-    """config.imm.objective: "imm" (default) or "fm" (the flow-matching baseline on the same network)."""
-    return str(config.imm.get("objective", "imm"))
 
 
 def init_params(net, config, key):

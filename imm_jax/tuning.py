@@ -52,7 +52,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Callable, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -61,7 +61,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imm_jax import interpolants, networks, sampling
-from imm_jax.losses import IMMObjective
+from imm_jax.losses import IMMObjective, objective_name
 
 SAMPLERS = ("euler", "pushforward")
 TEACHERS = {"euler": ("euler", "heun"), "pushforward": ("pushforward",)}
@@ -472,10 +472,10 @@ def tune_main(checkpoint: str, workdir: Optional[str] = None, *, ema: Optional[f
     if "cfg_scale" not in settings and int(config.model.num_classes):
         settings["cfg_scale"] = config.get("sample", {}).get("cfg_scale", None)
     s = TuneSettings(**settings)
-    objective_name = config.imm.get("objective", "imm")
-    if (objective_name == "fm") != (s.sampler == "euler"):
-        raise ValueError(f"sampler={s.sampler!r} does not fit this {objective_name.upper()} checkpoint: tune "
-                         + ("sampler='euler' for a flow-matching model." if objective_name == "fm"
+    kind = objective_name(config)
+    if (kind == "fm") != (s.sampler == "euler"):
+        raise ValueError(f"sampler={s.sampler!r} does not fit this {kind.upper()} checkpoint: tune "
+                         + ("sampler='euler' for a flow-matching model." if kind == "fm"
                             else "sampler='pushforward' for an IMM model."))
     net = networks.build(config.model)
     objective = IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))

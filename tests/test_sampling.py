@@ -121,3 +121,15 @@ def test_ideal_velocity_transports_exactly():
     v = lambda x, t: (x - x0) / t[:, None, None, None]  # eps - x0 given x_t on the line through x0
     out = sampling.ode(v, x0 * 0.006 + noise * 0.994, np.array([0.994, 0.0]))
     np.testing.assert_allclose(out, x0, rtol=1e-5, atol=1e-5)
+
+
+def test_default_sampler_follows_objective():
+    import ml_collections
+    from imm_jax.losses import objective_name
+    c = ml_collections.ConfigDict({"imm": {}})
+    assert objective_name(c) == "imm"
+    assert sampling.default_sampler(objective_name(c)) == "pushforward"
+    c.imm.objective = "fm"
+    assert sampling.default_sampler(objective_name(c)) == "euler"
+    assert sampling.default_sampler("fm") in sampling.FM_SAMPLERS
+    assert sampling.default_sampler("imm") in sampling.IMM_SAMPLERS
