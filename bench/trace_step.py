@@ -5,7 +5,9 @@
 Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
 events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
 FLOPs and GFLOP/s, elementwise fusions, copies. XLA:CPU may run independent operations concurrently, so
-per-operation times overlap and sum to more than the step; read the groups as relative costs. `gflop` counts
+per-operation times overlap and sum to more than the step (the first line says by how much); read the groups
+as relative costs. Dots that XLA runs through Eigen (e.g. the weight gradients) execute asynchronously: their
+events cover only the launch, so a group holding them reads faster than it ran. `gflop` counts
 matmuls (dots) only, not convolutions. Writes JSON.
 """
 from __future__ import annotations
@@ -75,6 +77,17 @@ def parse_hlo(text: str) -> dict[str, dict]:
     return info
 
 
+def busy_time_ms(events: list[dict]) -> float:
+    """Length of the union of the events' [ts, ts + dur] intervals (trace microseconds), in ms."""
+    total, end = 0.0, None
+    for start, stop in sorted((e["ts"], e["ts"] + e["dur"]) for e in events):
+        if end is None or start > end:
+            total, end = total + (stop - start), stop
+        elif stop > end:
+            total, end = total + (stop - end), stop
+    return total / 1e3
+
+
 def group(i: dict) -> tuple[str, str, str]:
     direction = "backward" if "transpose(" in i["op_name"] else "forward"
     layer = next((key for key in LAYERS if f"/{key}/" in i["op_name"] or i["op_name"].endswith(f"/{key}")), "other")
@@ -115,14 +128,16 @@ def main():
             g["gflop"] += info[e["name"]]["flops"] / 1e9
             g["ops"] += 1
     op_ms = sum(g["ms"] for g in totals.values())
+    busy_ms = busy_time_ms([e for e in events if e.get("ph") == "X" and e["name"] in info])
     rows = [dict(direction=k[0], layer=k[1], kind=k[2], ms=g["ms"], share=g["ms"] / op_ms, ops=g["ops"],
                  gflop=g["gflop"], gflop_s=g["gflop"] / (g["ms"] / 1e3) if g["gflop"] else None)
             for k, g in sorted(totals.items(), key=lambda kv: -kv[1]["ms"])]
-    print(f"traced step {step_s:.2f} s ({page_faults} page faults); operation times sum to {op_ms / 1e3:.2f} s "
-          "(concurrent operations overlap)")
+    print(f"traced step {step_s:.2f} s ({page_faults} page faults); operation times sum to {op_ms / 1e3:.2f} s, "
+          f"at least one operation runs during {busy_ms / 1e3:.2f} s: {(op_ms - busy_ms) / 1e3:.2f} s of operation "
+          "time ran concurrently with other operations (each then gets part of the cores, so its GFLOP/s reads low)")
     common.print_table(rows, ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"])
     common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), model=args.model,
-                                     step_s=step_s, op_ms=op_ms, page_faults=page_faults,
+                                     step_s=step_s, op_ms=op_ms, busy_ms=busy_ms, page_faults=page_faults,
                                      rows=rows))
 
 
