@@ -87,9 +87,8 @@ def sample_main(workdir: str):
 
 
 def tune_main(workdir: str):
-    from imm_jax import checkpointing, tuning
+    from imm_jax import checkpointing, losses, sampling, tuning
     config, _ = checkpointing.restore_for_sampling(workdir)
-    from imm_jax import losses, sampling
     sampler = FLAGS.tune_sampler or sampling.default_sampler(losses.objective_name(config))
     for n in tuple(FLAGS.steps or config.sample.steps):
         tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=sampler,
