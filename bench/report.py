@@ -11,11 +11,10 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
+import train_step  # noqa: E402
 
 TABLES = {
-    "train_step.json": ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s",
-                        "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful", "compile_s", "mem_mb_per_device",
-                       "user_s_per_step", "sys_s_per_step", "page_faults_per_step"],
+    "train_step.json": train_step.COLUMNS + ["user_s_per_step", "sys_s_per_step", "page_faults_per_step"],
     "profile_step.json": ["part", "ms", "gflop", "gflop_s", "frac_peak", "compile_s"],
     "trace_step.json": ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"],
     "sampling.json": ["model", "steps", "cfg", "batch", "devices", "nfe_per_image", "batch_s", "img_s",

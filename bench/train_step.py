@@ -20,6 +20,11 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
+# Printed table columns (bench/report.py adds the getrusage ones).
+COLUMNS = ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s", "peak_gflop_s",
+           "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful", "compile_s", "mem_mb_per_device"]
+
+
 def bench_config(model: str, batch: int, fused: bool):
     from imm_jax import networks
     if model == "dit_s2":
@@ -148,10 +153,7 @@ def main():
         u = useful.get((r["model"], r["devices"]))
         if u is not None:
             r["frac_peak_useful"] = u / (r["step_ms"] / 1e3) / r["peak_gflop_s"]
-    common.print_table(rows, ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
-                              "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful",
-                              "compile_s",
-                              "mem_mb_per_device"])
+    common.print_table(rows, COLUMNS)
     common.write_json(args.out, dict(machine=common.machine(), command=" ".join(sys.argv), rows=rows))
 
 
