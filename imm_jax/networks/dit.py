@@ -88,7 +88,7 @@ class Attention(nn.Module):
         b, n, d = x.shape
         qkv = layers.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x)
         qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        out = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(b, n, d)
+        out = layers.attention(qkv).reshape(b, n, d)
         return layers.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out)
 
 

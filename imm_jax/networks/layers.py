@@ -8,6 +8,8 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from imm_jax.kernels import cpu_attention
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -120,14 +122,17 @@ def _conv2d_bwd(pad, res, dy):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def attention(q: jax.Array, k: jax.Array, v: jax.Array) -> jax.Array:
+def attention(qkv: jax.Array) -> jax.Array:
     """Multi-head softmax attention with float32 logits and softmax.
 
-    q, k, v: (B, N, heads, head_dim) in the trunk dtype. Returns (B, N, heads, head_dim) in v's dtype.
+    qkv: (B, N, 3, heads, head_dim) in the trunk dtype, q/k/v stacked on axis 2 (the fused projection's
+    output, reshaped). Returns (B, N, heads, head_dim) in the trunk dtype.
     """
+    if cpu_attention.applies(qkv):
+        return cpu_attention.attention(qkv)
     # Heads-major einsums: measured ~1.5x faster forward on XLA:CPU (DiT-S/2) than contracting in
     # (B, N, heads, d) layout directly, and on par with jax.nn.dot_product_attention's backward.
-    q, k, v = (a.transpose(0, 2, 1, 3) for a in (q, k, v))
+    q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     return _attention_core(q, k, v).transpose(0, 2, 1, 3)
 
 

@@ -229,7 +229,7 @@ class UNetBlock(nn.Module):
             qkv = Conv2d(3 * c, 1, dt, init_scale=self.init_attn_scale, name="qkv")(
                 GroupNorm(self.eps, name="norm2")(x))
             qkv = qkv.reshape(n, hh * ww, 3, heads, c // heads)
-            a = layers.attention(qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]).reshape(n, hh, ww, c)
+            a = layers.attention(qkv).reshape(n, hh, ww, c)
             a = Conv2d(c, 1, dt, init_scale=self.init_zero_scale, name="proj")(a)
             x = (a + x) * self.skip_scale
         return x
