@@ -70,6 +70,22 @@ def cost_flops(compiled) -> float:
     return float(ca.get("flops", 0.0))
 
 
+def model_flops(compiled, recompile) -> tuple[float, bool]:
+    """(FLOPs of one call, whether it calls the CPU attention kernel).
+
+    XLA's cost analysis does not see into custom calls, so a program that uses the kernel is counted as
+    `recompile()` returns it when traced with plain-JAX attention (same math, a fresh trace).
+    """
+    from imm_jax.kernels import cpu_attention
+    if "imm_attention" not in compiled.as_text():
+        return cost_flops(compiled), False
+    with cpu_attention.switched_off():
+        reference = recompile()
+    if "imm_attention" in reference.as_text():
+        raise RuntimeError("the reference program still calls the attention kernel (a cached trace?)")
+    return cost_flops(reference), True
+
+
 def memory_bytes(compiled) -> int:
     """Peak bytes XLA plans for one call: arguments + outputs + temporaries (per device)."""
     m = compiled.memory_analysis()

@@ -26,7 +26,7 @@ def timed(name, fn, args, iters, peak, rows):
     compile_s = time.perf_counter() - t0
     times = common.time_calls(lambda: jax.block_until_ready(compiled(*args)), iters, warmup=1)
     step = min(times)
-    flops = common.cost_flops(compiled)
+    flops, _ = common.model_flops(compiled, lambda: jax.jit(lambda *a: fn(*a)).lower(*args).compile())
     row = dict(part=name, ms=1e3 * step, gflop=flops / 1e9, gflop_s=flops / step / 1e9,
                frac_peak=flops / step / peak, compile_s=compile_s)
     rows.append(row)

@@ -4,7 +4,8 @@
     python bench/train_step.py --models dit_s2 --devices 1 8 --out bench/results/train_step.json
 
 For each model: fused vs two-pass online/target forward, on 1 and 8 (fake) CPU devices. Reports images/s,
-achieved FLOP/s (XLA cost analysis of the compiled step / measured step time), the ratio to the float32
+achieved FLOP/s (XLA cost analysis of the compiled step / measured step time; with the CPU attention kernel,
+of the same step compiled with plain-JAX attention, as the analysis does not count custom calls), the ratio to the float32
 matmul peak measured in the same process (frac_peak: median step against the best-of-10 peak measured after
 the steps; frac_peak_interleaved: median over steps of each step against the peak measured right before and
 after it), compile time and XLA's planned peak memory per device (arguments + outputs + temporaries).
@@ -110,10 +111,12 @@ def child(args):
             peak = common.matmul_peak_flops()
             step_s, best_s = common.median(times), min(times)
             # XLA's cost analysis of an SPMD program counts one partition: scale to the whole step.
-            flops = common.cost_flops(compiled) * jax.device_count()
+            flops, kernel = common.model_flops(compiled, lambda: compiled_step(model, args.batch, bool(fused))[1])
+            flops *= jax.device_count()
             # Per step against the mean of the peaks measured right before and right after it.
             fracs = [flops / t / ((a + b) / 2) for t, a, b in zip(times, peaks, peaks[1:])]
             print(json_line(dict(model=model, fused=bool(fused), devices=jax.device_count(), batch=args.batch,
+                                 attention_kernel=kernel,
                                  step_ms=1e3 * step_s, best_ms=1e3 * best_s, img_s=args.batch / step_s,
                                  gflop_step=flops / 1e9, gflop_s=flops / step_s / 1e9, peak_gflop_s=peak / 1e9,
                                  frac_peak=flops / step_s / peak, frac_peak_best=flops / best_s / peak,

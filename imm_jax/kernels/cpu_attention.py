@@ -9,6 +9,7 @@ default backend is the CPU and a C++ compiler is present: the source is compiled
 """
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import hashlib
@@ -23,6 +24,9 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
 
 _SOURCE = Path(__file__).with_name("cpu_attention.cc")
 _TARGETS = {"forward": "ImmAttentionForward", "forward_res": "ImmAttentionForwardRes",
@@ -87,37 +91,93 @@ def available() -> bool:
     return True
 
 
+_switched_off = False
+
+
+@contextlib.contextmanager
+def switched_off():
+    """Functions traced inside this context use the plain-JAX attention (bench/ counts its FLOPs this way:
+    XLA's cost analysis does not see inside custom calls)."""
+    global _switched_off
+    previous, _switched_off = _switched_off, True
+    try:
+        yield
+    finally:
+        _switched_off = previous
+
+
 def applies(qkv: jax.Array) -> bool:
     """Whether attention on qkv (..., N, 3, heads, head_dim) runs through the kernel."""
-    return (jax.default_backend() == "cpu" and qkv.dtype == jnp.float32 and qkv.ndim >= 4
-            and qkv.shape[-3] == 3 and qkv.shape[-4] % 8 == 0 and available())
+    return (not _switched_off and jax.default_backend() == "cpu" and qkv.dtype == jnp.float32
+            and qkv.ndim >= 4 and qkv.shape[-3] == 3 and qkv.shape[-4] % 8 == 0 and available())
 
 
-def _call(kind: str, outputs, *args, scale: float):
-    if not available():
-        raise RuntimeError(f"the CPU attention kernel is unavailable (see the warning above, or {ENV_SWITCH}=0)")
-    return jax.ffi.ffi_call(f"imm_attention_{kind}", outputs, vmap_method="broadcast_all")(
-        *args, scale=np.float32(scale))
-
-
-def _shapes(qkv):
+def _result_shapes(kind: str, qkv):
     *lead, n, _, heads, head_dim = qkv.shape
     out = jax.ShapeDtypeStruct((*lead, n, heads, head_dim), jnp.float32)
-    lse = jax.ShapeDtypeStruct((*lead, heads, n), jnp.float32)
-    return out, lse, head_dim ** -0.5
+    lse = jax.ShapeDtypeStruct((*lead, heads, n), jnp.float32)  # row log-sum-exp, the backward's residual
+    return {"forward": out, "forward_res": (out, lse), "backward": jax.ShapeDtypeStruct(qkv.shape, jnp.float32)}[kind]
+
+
+def _ffi_call(kind: str, qkv, *rest):
+    if not available():
+        raise RuntimeError(f"the CPU attention kernel is unavailable (see the warning above, or {ENV_SWITCH}=0)")
+    return jax.ffi.ffi_call(f"imm_attention_{kind}", _result_shapes(kind, qkv), vmap_method="broadcast_all")(
+        qkv, *rest, scale=np.float32(qkv.shape[-1] ** -0.5))
+
+
+# Sharding: every operand and result has the batch first and the kernel treats each (batch, head) pair on its
+# own, so on a mesh each device runs it on its batch shard (custom_partitioning; without it the partitioner
+# would all-gather the batch and replicate the work). custom_vmap folds vmapped axes into the batch, which
+# custom_partitioning cannot batch by itself.
+
+def _shardings(mesh, arg_shapes, result_shapes):
+    spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
+    batch = spec[0] if spec else None
+    like = lambda x: NamedSharding(mesh, PartitionSpec(batch, *([None] * (x.ndim - 1))))
+    return tuple(like(a) for a in arg_shapes), jax.tree.map(like, result_shapes)
+
+
+def _partition(kind, mesh, arg_shapes, result_shapes):
+    arg_shardings, result_shardings = _shardings(mesh, arg_shapes, result_shapes)
+    return mesh, functools.partial(_ffi_call, kind), result_shardings, arg_shardings
+
+
+def _sharding_rule(mesh, operand_types, result_types):
+    """Einsum-like rule: the first dimension ("b") shared by all operands and results, the rest independent."""
+    dims = lambda types, tag: ", ".join(
+        " ".join(["b"] + [f"{tag}{j}_{i}" for i in range(1, len(t.shape))]) for j, t in enumerate(types))
+    return f"{dims(operand_types, 'in')} -> {dims(result_types, 'out')}"
+
+
+def _batched_call(kind: str):
+    partitioned = custom_partitioning(functools.partial(_ffi_call, kind))
+    partitioned.def_partition(
+        functools.partial(_partition, kind),
+        infer_sharding_from_operands=lambda mesh, args, results: _shardings(mesh, args, results)[1],
+        sharding_rule=_sharding_rule)
+    call = custom_vmap(lambda *args: partitioned(*args))
+
+    @call.def_vmap
+    def _fold_vmapped_axis_into_batch(axis_size, in_batched, *args):
+        args = [a if batched else jnp.broadcast_to(a, (axis_size, *a.shape)) for a, batched in zip(args, in_batched)]
+        out = call(*[a.reshape(-1, *a.shape[2:]) for a in args])
+        return (jax.tree.map(lambda o: o.reshape(axis_size, -1, *o.shape[1:]), out),
+                jax.tree.map(lambda _: True, out))
+
+    return call
+
+
+_CALLS = {kind: _batched_call(kind) for kind in _TARGETS}
 
 
 def _forward(qkv):
-    out_shape, lse_shape, scale = _shapes(qkv)
-    out, lse = _call("forward_res", (out_shape, lse_shape), qkv, scale=scale)
+    out, lse = _CALLS["forward_res"](qkv)
     return out, (qkv, out, lse)
 
 
 def _backward(res, d_out):
-    qkv, out, lse = res
-    d_qkv = _call("backward", jax.ShapeDtypeStruct(qkv.shape, jnp.float32), qkv, out, lse, d_out,
-                  scale=_shapes(qkv)[2])
-    return (d_qkv,)
+    return (_CALLS["backward"](*res, d_out),)
 
 
 @jax.custom_vjp
@@ -127,8 +187,7 @@ def attention(qkv: jax.Array) -> jax.Array:
     qkv: float32 (B, N, 3, heads, head_dim), q/k/v stacked on axis -3, N a multiple of 8.
     Returns (B, N, heads, head_dim) float32.
     """
-    out_shape, _, scale = _shapes(qkv)
-    return _call("forward", out_shape, qkv, scale=scale)
+    return _CALLS["forward"](qkv)
 
 
 attention.defvjp(_forward, _backward)
