@@ -4,7 +4,8 @@
 
 Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
 events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
-FLOPs and GFLOP/s, elementwise fusions, copies. XLA:CPU may run independent operations concurrently, so
+FLOPs and GFLOP/s, elementwise fusions, copies, the CPU attention kernel (with the FLOPs of the plain-JAX
+attention's matmuls). XLA:CPU may run independent operations concurrently, so
 per-operation times overlap and sum to more than the step (the first line says by how much); read the groups
 as relative costs. Dots that XLA runs through Eigen (e.g. the weight gradients) execute asynchronously: their
 events cover only the launch, so a group holding them reads faster than it ran. `gflop` counts
@@ -39,7 +40,8 @@ def _dims(shape: str) -> list[int]:
 def parse_hlo(text: str) -> dict[str, dict]:
     """Entry-computation instruction name -> op, metadata op_name, dot FLOPs (including fused dots)."""
     comps, cur, entry = {}, None, None
-    inst = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+) ([\w-]+)\((.*)$")
+    # The shape is one array type or a tuple "(f32[...]{...}, ...)" (multi-output fusions, custom calls).
+    inst = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+) ([\w-]+)\((.*)$")
     for line in text.splitlines():
         head = re.match(r"^(?:ENTRY )?%(\S+) .*\{$", line)
         if head:
@@ -72,7 +74,13 @@ def parse_hlo(text: str) -> dict[str, dict]:
             dots.append((entry, ins))
         flops = sum(dot_flops(c, i) for c, i in dots if i["op"] == "dot")
         op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
-        info[name] = dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", flops=flops,
+        target = re.search(r'custom_call_target="(imm_attention_\w+)"', ins["rest"])
+        kernel = target.group(1) if ins["op"] == "custom-call" and target else ""
+        if kernel:  # the CPU attention kernel: count the plain-JAX attention's matmuls (2 forward, 4 backward)
+            dims = _dims(re.search(r"f32\[[^\]]*\]", ins["shape"]).group(0))
+            b, n, h, d = (dims[0], dims[1], dims[3], dims[4]) if kernel.endswith("backward") else dims
+            flops = (4 if kernel.endswith("backward") else 2) * 2 * b * h * n * n * d
+        info[name] = dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", flops=flops, kernel=kernel,
                           dots=len(dots), convs=sum(i["op"] == "convolution" for _, i in dots))
     return info
 
@@ -89,6 +97,8 @@ def busy_time_ms(events: list[dict]) -> float:
 
 
 def group(i: dict) -> tuple[str, str, str]:
+    if i["kernel"]:
+        return ("backward" if i["kernel"].endswith("backward") else "forward"), "attn/core", "attention kernel"
     direction = "backward" if "transpose(" in i["op_name"] else "forward"
     layer = next((key for key in LAYERS if f"/{key}/" in i["op_name"] or i["op_name"].endswith(f"/{key}")), "other")
     kind = "conv" if i["convs"] else "dot" if i["dots"] else "copy" if i["op"] == "copy" else "elementwise/other"

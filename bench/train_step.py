@@ -22,7 +22,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # Printed table columns (bench/report.py adds the getrusage ones).
-COLUMNS = ["model", "fused", "devices", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s", "peak_gflop_s",
+COLUMNS = ["model", "fused", "devices", "attention_kernel", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s", "peak_gflop_s",
            "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful", "compile_s", "mem_mb_per_device"]
 
 
