@@ -60,6 +60,7 @@ def _compile(compiler: str) -> Path:
     if target.exists():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
+    logging.info("imm_jax: compiling the CPU attention kernel into %s (once per machine)", target)
     with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
         out = Path(tmp) / target.name
         cmd = [compiler, *flags, str(_SOURCE), "-o", str(out)]
