@@ -5,10 +5,11 @@
 
 For each model: fused vs two-pass online/target forward, on 1 and 8 (fake) CPU devices. Reports images/s,
 achieved FLOP/s (XLA cost analysis of the compiled step / measured step time; with the CPU attention kernel,
-of the same step compiled with plain-JAX attention, as the analysis does not count custom calls), the ratio to the float32
-matmul peak measured in the same process (frac_peak: median step against the best-of-10 peak measured after
-the steps; frac_peak_interleaved: median over steps of each step against the peak measured right before and
-after it), compile time and XLA's planned peak memory per device (arguments + outputs + temporaries).
+of the same step compiled with plain-JAX attention, as the analysis does not count custom calls), the ratio
+to the float32 matmul peak measured in the same process (frac_peak: median step against the best-of-10 peak
+measured after the steps; frac_peak_interleaved: median over steps of each step against the peak measured
+right before and after it), compile time and XLA's planned peak memory per device (arguments + outputs +
+temporaries).
 """
 from __future__ import annotations
 
@@ -22,8 +23,9 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # Printed table columns (bench/report.py adds the getrusage ones).
-COLUMNS = ["model", "fused", "devices", "attention_kernel", "batch", "step_ms", "best_ms", "img_s", "gflop_step", "gflop_s", "peak_gflop_s",
-           "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful", "compile_s", "mem_mb_per_device"]
+COLUMNS = ["model", "fused", "devices", "attention_kernel", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
+           "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful",
+           "compile_s", "mem_mb_per_device"]
 
 
 def bench_config(model: str, batch: int, fused: bool):
