@@ -12,50 +12,21 @@
 //   forward:  S = scale q k^T, P = softmax_rows(S), out = P v
 //   backward: P = exp(scale q k^T - lse), d_v = P^T d_out, dP = d_out v^T, dS = P * (dP - rowsum(d_out * out)),
 //             d_q = scale dS k, d_k = scale dS^T q
-// Built at first use by imm_jax/kernels/cpu_attention.py (g++ -O3 -march=native) against jaxlib's FFI headers.
+// Built at first use by imm_jax/kernels/build.py (g++ -O3 -march=native) against jaxlib's FFI headers.
 
 #include <algorithm>
-#include <atomic>
-#include <condition_variable>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <memory>
-#include <mutex>
 #include <vector>
 
+#include "cpu_common.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
+using namespace imm_kernels;
 
 namespace {
-
-typedef float v8 __attribute__((vector_size(32)));
-
-constexpr int kMR = 6;   // rows of the register tile (6 x 16: 12 accumulators, measured 1.3-1.6x 4 x 16)
-constexpr int kNR = 16;  // columns of the register tile (two v8)
-
-inline v8 load8(const float* p) {
-  v8 r;
-  std::memcpy(&r, p, sizeof(r));
-  return r;
-}
-inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
-inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
-
-// Scratch owned by one worker thread, grown on demand and reused across tasks and calls.
-struct Scratch {
-  std::vector<float> a_pack, b_pack, s, ds;
-  float* get(std::vector<float>& v, size_t n) {
-    if (v.size() < n) v.resize(n);
-    return v.data();
-  }
-};
-
-Scratch& thread_scratch() {
-  thread_local Scratch scratch;
-  return scratch;
-}
 
 // A strided matrix view: element (i, j) at data[i * rs + j * cs].
 struct View {
@@ -176,33 +147,6 @@ void softmax_rows(float* s, int64_t rows, int64_t n, float* lse) {
     const v8 inv = splat8(1.f / total);
     for (int64_t j = 0; j < n; j += 8) store8(row + j, load8(row + j) * inv);
   }
-}
-
-// Runs body(i) for i in [0, count) on the caller and the pool. Waits for claimed items only, never for
-// scheduled tasks to start, so concurrent calls cannot deadlock on a busy pool.
-template <typename F>
-void parallel_for(ffi::ThreadPool& pool, int64_t count, F body) {
-  struct State {
-    std::atomic<int64_t> next{0}, done{0};
-    std::mutex mu;
-    std::condition_variable cv;
-  };
-  auto state = std::make_shared<State>();
-  auto worker = [state, count, body]() {
-    int64_t i;
-    while ((i = state->next.fetch_add(1)) < count) {
-      body(i);
-      if (state->done.fetch_add(1) + 1 == count) {
-        std::lock_guard<std::mutex> lock(state->mu);
-        state->cv.notify_all();
-      }
-    }
-  };
-  const int64_t helpers = std::min<int64_t>(pool.num_threads(), count) - 1;
-  for (int64_t t = 0; t < helpers; ++t) pool.Schedule(decltype(worker)(worker));
-  worker();
-  std::unique_lock<std::mutex> lock(state->mu);
-  state->cv.wait(lock, [&] { return state->done.load() == count; });
 }
 
 // qkv (..., N, 3, H, D): leading dimensions flattened into `batch` (vmap may add some).

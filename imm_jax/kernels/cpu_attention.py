@@ -2,24 +2,13 @@
 
 XLA:CPU runs batched attention matmuls on one thread; this kernel runs one (batch, head) pair per task on
 XLA's intra-op pool (docs/PERFORMANCE.md has the measurements). It is used for float32 attention when JAX's
-default backend is the CPU and a C++ compiler is present: the source is compiled at first use with
-`g++ -O3 -march=native` against jaxlib's FFI headers and cached under `$IMM_JAX_CACHE_DIR` (default
-`~/.cache/imm_jax`), keyed by source, jaxlib version and CPU flags. Without a compiler, or with
-`IMM_JAX_CPU_ATTENTION=0`, attention stays the plain-JAX formulation (same values up to rounding).
+default backend is the CPU and a C++ compiler is present (built at first use, see `build.py`). Without a
+compiler, or with `IMM_JAX_CPU_ATTENTION=0` (or `IMM_JAX_CPU_KERNELS=0`), attention stays the plain-JAX
+formulation (same values up to rounding).
 """
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import functools
-import hashlib
-import logging
-import os
-import platform
-import shutil
-import subprocess
-import tempfile
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
@@ -28,88 +17,26 @@ from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
 
-_SOURCE = Path(__file__).with_name("cpu_attention.cc")
+from imm_jax.kernels import build
+
 _TARGETS = {"forward": "ImmAttentionForward", "forward_res": "ImmAttentionForwardRes",
             "backward": "ImmAttentionBackward"}
 ENV_SWITCH = "IMM_JAX_CPU_ATTENTION"
 
 
-def _cpu_flags() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith(("flags", "Features")):
-                return line
-    except OSError:
-        pass
-    return platform.processor()
-
-
-def _cache_dir() -> Path:
-    root = os.environ.get("IMM_JAX_CACHE_DIR") or os.path.join(os.path.expanduser("~"), ".cache", "imm_jax")
-    return Path(root) / "kernels"
-
-
-def _compile(compiler: str) -> Path:
-    """Builds the shared library (or finds it in the cache); raises RuntimeError with the compiler's output."""
-    import jaxlib
-    flags = ["-O3", "-march=native", "-std=c++17", "-shared", "-fPIC", "-isystem", jax.ffi.include_dir()]
-    key = hashlib.sha256(b"\0".join([_SOURCE.read_bytes(), " ".join([compiler] + flags).encode(),
-                                     jaxlib.__version__.encode(), _cpu_flags().encode(),
-                                     platform.machine().encode()])).hexdigest()[:16]
-    target = _cache_dir() / f"cpu_attention_{key}.so"
-    if target.exists():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    logging.info("imm_jax: compiling the CPU attention kernel into %s (once per machine)", target)
-    with tempfile.TemporaryDirectory(dir=target.parent) as tmp:
-        out = Path(tmp) / target.name
-        cmd = [compiler, *flags, str(_SOURCE), "-o", str(out)]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed:\n{proc.stderr[-2000:]}")
-        os.replace(out, target)  # atomic: concurrent processes may build the same key
-    return target
-
-
 @functools.cache
 def available() -> bool:
     """True when the kernel is switched on, compiled and registered with XLA:CPU (logs why not, once)."""
-    if os.environ.get(ENV_SWITCH, "1") == "0":
-        return False
-    compiler = os.environ.get("CXX") or shutil.which("g++") or shutil.which("c++")
-    if compiler is None:
-        logging.warning("imm_jax: no C++ compiler found; CPU attention uses the plain-JAX path "
-                        "(install g++ for the faster kernel, or set %s=0 to silence this).", ENV_SWITCH)
-        return False
-    try:
-        library = ctypes.cdll.LoadLibrary(str(_compile(compiler)))
-        for kind, symbol in _TARGETS.items():
-            jax.ffi.register_ffi_target(f"imm_attention_{kind}", jax.ffi.pycapsule(getattr(library, symbol)),
-                                        platform="cpu")
-    except (RuntimeError, OSError, AttributeError) as err:
-        logging.warning("imm_jax: the CPU attention kernel is unavailable, using the plain-JAX path: %s", err)
-        return False
-    return True
+    return build.load("cpu_attention", {f"imm_attention_{kind}": symbol for kind, symbol in _TARGETS.items()},
+                      ENV_SWITCH, "CPU attention")
 
 
-_switched_off = False
-
-
-@contextlib.contextmanager
-def switched_off():
-    """Functions traced inside this context use the plain-JAX attention (bench/ counts its FLOPs this way:
-    XLA's cost analysis does not see inside custom calls)."""
-    global _switched_off
-    previous, _switched_off = _switched_off, True
-    try:
-        yield
-    finally:
-        _switched_off = previous
+switched_off = build.switched_off  # kept here for callers of the attention kernel alone
 
 
 def applies(qkv: jax.Array) -> bool:
     """Whether attention on qkv (..., N, 3, heads, head_dim) runs through the kernel."""
-    return (not _switched_off and jax.default_backend() == "cpu" and qkv.dtype == jnp.float32
+    return (build.tracing_allowed() and qkv.dtype == jnp.float32
             and qkv.ndim >= 4 and qkv.shape[-3] == 3 and qkv.shape[-4] % 8 == 0 and available())
 
 

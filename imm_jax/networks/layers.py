@@ -8,7 +8,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from imm_jax.kernels import cpu_attention
+from imm_jax.kernels import cpu_attention, cpu_dense
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -42,6 +42,9 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
 @jax.custom_vjp
 def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     """x (..., K) @ kernel (K, D) + bias (D,) -> (..., D), all in one dtype."""
+    if cpu_dense.applies(x, kernel, bias):
+        out = cpu_dense.matmul(x.reshape(-1, x.shape[-1]), kernel, bias)
+        return out.reshape(*x.shape[:-1], kernel.shape[-1])
     return jnp.dot(x, kernel) + bias
 
 
@@ -53,11 +56,15 @@ def _linear_bwd(res, dy):
     # The weight gradient is one (K, M) x (M, D) matmul over the flattened leading axes. Autodiff's own
     # transpose (a dot contracting the unflattened leading axes) makes XLA:CPU copy the (M, D) cotangent
     # into a transposed layout first; this form avoids the copy (DiT-S/2 train step ~1.1x faster, see
-    # docs/PERFORMANCE.md).
+    # docs/PERFORMANCE.md). The weight gradient stays XLA's dot: the CPU kernel (cpu_dense) is not faster
+    # for its long contraction, and XLA partitions it (a sum over the batch shards) on a mesh.
     x, kernel = res
     x2 = x.reshape(-1, x.shape[-1])
     dy2 = dy.reshape(-1, dy.shape[-1])
-    dx = jnp.dot(dy, kernel.T)
+    if cpu_dense.applies(dy, kernel):
+        dx = cpu_dense.matmul(dy2, kernel, transpose_b=True).reshape(x.shape)
+    else:
+        dx = jnp.dot(dy, kernel.T)
     d_kernel = jnp.dot(x2.T, dy2, preferred_element_type=jnp.float32).astype(kernel.dtype)
     return dx, d_kernel, jnp.sum(dy2, axis=0, dtype=jnp.float32).astype(dy.dtype)
 

@@ -1,0 +1,110 @@
+"""Matrix products of linear layers as an XLA:CPU custom call (cpu_dense.cc): op(A) @ op(B) [+ bias].
+
+Used by `imm_jax.networks.layers.linear` for float32 on the CPU when a C++ compiler is present (built at first
+use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`), linears use
+`jnp.dot` as before. docs/PERFORMANCE.md has the measurements.
+"""
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax.custom_batching import custom_vmap
+from jax.experimental.custom_partitioning import custom_partitioning
+from jax.sharding import NamedSharding, PartitionSpec
+
+from imm_jax.kernels import build
+
+ENV_SWITCH = "IMM_JAX_CPU_DENSE"
+
+
+@functools.cache
+def available() -> bool:
+    """True when the kernel is switched on, compiled and registered with XLA:CPU (logs why not, once)."""
+    return build.load("cpu_dense", {"imm_matmul": "ImmMatmul"}, ENV_SWITCH, "the linear layers")
+
+
+def applies(*arrays: jax.Array) -> bool:
+    """Whether products of these arrays run through the kernel: float32, CPU, kernel available."""
+    return build.tracing_allowed() and all(a.dtype == jnp.float32 for a in arrays) and available()
+
+
+def _reference(a, b, bias, transpose_a, transpose_b):
+    a = a.T if transpose_a else a
+    b = b.T if transpose_b else b
+    out = jnp.dot(a, b, preferred_element_type=jnp.float32)
+    return out if bias is None else out + bias
+
+
+def _ffi_call(transpose_a: bool, transpose_b: bool, a, b, bias):
+    if not available():
+        raise RuntimeError(f"the CPU dense kernel is unavailable (see the warning above, or {ENV_SWITCH}=0)")
+    m = a.shape[1] if transpose_a else a.shape[0]
+    n = b.shape[0] if transpose_b else b.shape[1]
+    has_bias = bias is not None
+    bias = bias if has_bias else jnp.zeros((1,), jnp.float32)
+    return jax.ffi.ffi_call("imm_matmul", jax.ShapeDtypeStruct((m, n), jnp.float32))(
+        a, b, bias, transpose_a=transpose_a, transpose_b=transpose_b, has_bias=has_bias)
+
+
+# Sharding of the row-parallel products (A not transposed): rows of A and C follow A's first dimension, B and
+# the bias are replicated, so on a data-parallel mesh each device multiplies its own rows (custom_partitioning;
+# without it the partitioner would all-gather A and repeat the work on every device).
+
+def _row_shardings(mesh, arg_shapes, result_shape):
+    spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
+    rows = spec[0] if spec else None
+    replicated = NamedSharding(mesh, PartitionSpec())
+    args = (NamedSharding(mesh, PartitionSpec(rows, None)), replicated, replicated)
+    return args, NamedSharding(mesh, PartitionSpec(rows, None))
+
+
+def _row_parallel(transpose_b: bool, has_bias: bool):
+    def call(a, b, bias):
+        return _ffi_call(False, transpose_b, a, b, bias if has_bias else None)
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, result = _row_shardings(mesh, arg_shapes, result_shape)
+        return mesh, call, result, args
+
+    partitioned = custom_partitioning(call)
+    partitioned.def_partition(
+        partition, infer_sharding_from_operands=lambda mesh, args, result: _row_shardings(mesh, args, result)[1],
+        sharding_rule=f"m k, {'n k' if transpose_b else 'k n'}, {'n' if has_bias else 'z'} -> m n")
+    return partitioned
+
+
+_ROW_PARALLEL = {(t, h): _row_parallel(t, h) for t in (False, True) for h in (False, True)}
+
+
+@functools.cache
+def _folding_vmap(transpose_b: bool, has_bias: bool):
+    """The row-parallel call, with vmap of A alone folded into its rows (other vmaps: the jnp formula)."""
+    call = custom_vmap(lambda a, b, bias: _ROW_PARALLEL[(transpose_b, has_bias)](a, b, bias))
+
+    @call.def_vmap
+    def _rule(axis_size, in_batched, a, b, bias):
+        if in_batched[0] and not any(in_batched[1:]):
+            out = call(a.reshape(-1, a.shape[-1]), b, bias)
+            return out.reshape(axis_size, -1, out.shape[-1]), True
+        ref = lambda a, b, bias: _reference(a, b, bias if has_bias else None, False, transpose_b)
+        return jax.vmap(ref, in_axes=tuple(0 if x else None for x in in_batched))(a, b, bias), True
+
+    return call
+
+
+def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpose_a: bool = False,
+           transpose_b: bool = False) -> jax.Array:
+    """op(a) (M, K) @ op(b) (K, N) [+ bias (N,)] -> (M, N) float32, op = transpose where asked.
+
+    a is stored (M, K), or (K, M) with transpose_a; b (K, N), or (N, K) with transpose_b. float32 only.
+    Row-parallel products (transpose_a False) are partitioned by rows on a mesh; a transposed-A product
+    (a weight gradient, contracting the rows) runs on gathered operands there.
+    """
+    if a.ndim != 2 or b.ndim != 2:
+        raise ValueError(f"matmul takes 2-D operands, got {a.shape} and {b.shape}")
+    if transpose_a:
+        return _ffi_call(True, transpose_b, a, b, bias)
+    bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
+    return _folding_vmap(transpose_b, bias is not None)(a, b, bias_arg)
