@@ -70,20 +70,30 @@ def cost_flops(compiled) -> float:
     return float(ca.get("flops", 0.0))
 
 
-def model_flops(compiled, recompile) -> tuple[float, bool]:
-    """(FLOPs of one call, whether it calls the CPU attention kernel).
+KERNEL_TARGETS = ("imm_attention", "imm_matmul")  # custom calls of imm_jax/kernels
 
-    XLA's cost analysis does not see into custom calls, so a program that uses the kernel is counted as
-    `recompile()` returns it when traced with plain-JAX attention (same math, a fresh trace).
+
+def kernels_called(compiled) -> list[str]:
+    """Which of the CPU kernels (imm_jax/kernels) a compiled program calls: "attention", "dense"."""
+    text = compiled.as_text()
+    return [name for name, target in zip(("attention", "dense"), KERNEL_TARGETS) if target in text]
+
+
+def model_flops(compiled, recompile) -> tuple[float, list[str]]:
+    """(FLOPs of one call, the CPU kernels it calls).
+
+    XLA's cost analysis does not see into custom calls, so a program that uses the kernels is counted as
+    `recompile()` returns it when traced with the plain-JAX paths (same math, a fresh trace).
     """
-    from imm_jax.kernels import cpu_attention
-    if "imm_attention" not in compiled.as_text():
-        return cost_flops(compiled), False
-    with cpu_attention.switched_off():
+    from imm_jax.kernels import build
+    kernels = kernels_called(compiled)
+    if not kernels:
+        return cost_flops(compiled), kernels
+    with build.switched_off():
         reference = recompile()
-    if "imm_attention" in reference.as_text():
-        raise RuntimeError("the reference program still calls the attention kernel (a cached trace?)")
-    return cost_flops(reference), True
+    if kernels_called(reference):
+        raise RuntimeError("the reference program still calls a CPU kernel (a cached trace?)")
+    return cost_flops(reference), kernels
 
 
 def memory_bytes(compiled) -> int:

@@ -4,8 +4,8 @@
 
 Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
 events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
-FLOPs and GFLOP/s, elementwise fusions, copies, the CPU attention kernel (with the FLOPs of the plain-JAX
-attention's matmuls). XLA:CPU may run independent operations concurrently, so
+FLOPs and GFLOP/s, elementwise fusions, copies, the CPU kernels (imm_jax/kernels: attention with the FLOPs
+of the plain-JAX attention's matmuls, the linear layers' products with their own). XLA:CPU may run independent operations concurrently, so
 per-operation times overlap and sum to more than the step (the first line says by how much); read the groups
 as relative costs. Dots that XLA runs through Eigen (e.g. the weight gradients) execute asynchronously: their
 events cover only the launch, so a group holding them reads faster than it ran. `gflop` counts
@@ -74,12 +74,17 @@ def parse_hlo(text: str) -> dict[str, dict]:
             dots.append((entry, ins))
         flops = sum(dot_flops(c, i) for c, i in dots if i["op"] == "dot")
         op_name = re.search(r'op_name="([^"]*)"', ins["rest"])
-        target = re.search(r'custom_call_target="(imm_attention_\w+)"', ins["rest"])
+        target = re.search(r'custom_call_target="(imm_\w+)"', ins["rest"])
         kernel = target.group(1) if ins["op"] == "custom-call" and target else ""
-        if kernel:  # the CPU attention kernel: count the plain-JAX attention's matmuls (2 forward, 4 backward)
+        if kernel.startswith("imm_attention"):  # count the plain-JAX attention's matmuls (2 forward, 4 backward)
             dims = _dims(re.search(r"f32\[[^\]]*\]", ins["shape"]).group(0))
             b, n, h, d = (dims[0], dims[1], dims[3], dims[4]) if kernel.endswith("backward") else dims
             flops = (4 if kernel.endswith("backward") else 2) * 2 * b * h * n * n * d
+        elif kernel == "imm_matmul":  # op(A) (M, K) @ op(B) (K, N): K from A's shape and transpose_a
+            a_dims = _dims(re.search(r"operand_layout_constraints=\{(f32\[[^\]]*\])", ins["rest"]).group(1))
+            k = a_dims[0] if "transpose_a = true" in ins["rest"] else a_dims[1]
+            m, n = _dims(ins["shape"])
+            flops = 2 * m * n * k
         info[name] = dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", flops=flops, kernel=kernel,
                           dots=len(dots), convs=sum(i["op"] == "convolution" for _, i in dots))
     return info
@@ -97,12 +102,13 @@ def busy_time_ms(events: list[dict]) -> float:
 
 
 def group(i: dict) -> tuple[str, str, str]:
-    if i["kernel"]:
+    if i["kernel"].startswith("imm_attention"):
         return ("backward" if i["kernel"].endswith("backward") else "forward"), "attn/core", "attention kernel"
     direction = "backward" if "transpose(" in i["op_name"] else "forward"
     layer = next((key for key in LAYERS if f"/{key}/" in i["op_name"] or i["op_name"].endswith(f"/{key}")), "other")
-    kind = "conv" if i["convs"] else "dot" if i["dots"] else "copy" if i["op"] == "copy" else "elementwise/other"
-    return direction, layer if kind in ("dot", "conv") else "-", kind
+    kind = ("dense kernel" if i["kernel"] == "imm_matmul" else "conv" if i["convs"] else "dot" if i["dots"]
+            else "copy" if i["op"] == "copy" else "elementwise/other")
+    return direction, layer if kind in ("dot", "conv", "dense kernel") else "-", kind
 
 
 def main():

@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 
 # Printed table columns (bench/report.py adds the getrusage ones).
-COLUMNS = ["model", "fused", "devices", "attention_kernel", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
+COLUMNS = ["model", "fused", "devices", "cpu_kernels", "batch", "step_ms", "best_ms", "img_s", "gflop_step",
            "gflop_s", "peak_gflop_s", "frac_peak", "frac_peak_best", "frac_peak_interleaved", "frac_peak_useful",
            "compile_s", "mem_mb_per_device"]
 
@@ -113,12 +113,12 @@ def child(args):
             peak = common.matmul_peak_flops()
             step_s, best_s = common.median(times), min(times)
             # XLA's cost analysis of an SPMD program counts one partition: scale to the whole step.
-            flops, kernel = common.model_flops(compiled, lambda: compiled_step(model, args.batch, bool(fused))[1])
+            flops, kernels = common.model_flops(compiled, lambda: compiled_step(model, args.batch, bool(fused))[1])
             flops *= jax.device_count()
             # Per step against the mean of the peaks measured right before and right after it.
             fracs = [flops / t / ((a + b) / 2) for t, a, b in zip(times, peaks, peaks[1:])]
             print(json_line(dict(model=model, fused=bool(fused), devices=jax.device_count(), batch=args.batch,
-                                 attention_kernel=kernel,
+                                 cpu_kernels="+".join(kernels) or "none",
                                  step_ms=1e3 * step_s, best_ms=1e3 * best_s, img_s=args.batch / step_s,
                                  gflop_step=flops / 1e9, gflop_s=flops / step_s / 1e9, peak_gflop_s=peak / 1e9,
                                  frac_peak=flops / step_s / peak, frac_peak_best=flops / best_s / peak,

@@ -1,11 +1,27 @@
-"""layers.linear / layers.Dense / layers.conv2d (hand-written backwards) against NumPy, autodiff and flax."""
+"""layers.linear / layers.Dense / layers.conv2d (hand-written backwards) against NumPy, autodiff and flax.
+
+The linear tests run both paths: the CPU kernel (imm_jax/kernels/cpu_dense.cc) where it is built, and jnp.dot.
+"""
+import contextlib
+
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from imm_jax.kernels import build, cpu_dense
 from imm_jax.networks import layers
+
+
+@pytest.fixture(params=["kernel", "jax"])
+def path(request):
+    if request.param == "kernel" and not cpu_dense.available():
+        pytest.skip("no C++ compiler here: the CPU dense kernel is not built")
+    context = build.switched_off() if request.param == "jax" else contextlib.nullcontext()
+    with context:
+        assert cpu_dense.applies(jnp.zeros(3)) == (request.param == "kernel")
+        yield request.param
 
 
 @pytest.fixture(params=[(2, 5, 7), (6, 7), (2, 3, 4, 7)], ids=["tokens", "matrix", "4d"])
@@ -19,13 +35,13 @@ def operands(request):
     return x, kernel, bias, g
 
 
-def test_forward_matches_numpy(operands):
+def test_forward_matches_numpy(operands, path):
     x, kernel, bias, _ = operands
     ref = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
     np.testing.assert_allclose(layers.linear(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)
 
 
-def test_gradients_match_numpy_and_autodiff(operands):
+def test_gradients_match_numpy_and_autodiff(operands, path):
     x, kernel, bias, g = operands
     ours = jax.grad(lambda *a: jnp.sum(layers.linear(*a) * g), argnums=(0, 1, 2))(x, kernel, bias)
     auto = jax.grad(lambda x, k, b: jnp.sum((x @ k + b) * g), argnums=(0, 1, 2))(x, kernel, bias)

@@ -1,0 +1,125 @@
+"""The CPU GEMM of the linear layers (imm_jax/kernels/cpu_dense.cc): values against NumPy for every operand
+layout and block edge, vmap, a row-sharded jit, the DiT using it, and the fallbacks. Gradients of
+layers.linear through it are checked in test_layer_vjps.py."""
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+
+from imm_jax import networks
+from imm_jax.kernels import build, cpu_dense
+from imm_jax.networks import layers
+
+needs_kernel = pytest.mark.skipif(not cpu_dense.available(),
+                                  reason="no C++ compiler here: the CPU dense kernel is not built")
+
+
+def normal(shape, seed=0):
+    return np.random.default_rng(seed).normal(size=shape).astype(np.float32)
+
+
+def assert_close_to_float64(out, ref, k):
+    # float32 products of k unit-normal terms: rounding ~sqrt(k) * 2^-24 relative to the terms' size.
+    assert out.shape == ref.shape
+    np.testing.assert_allclose(out, ref, rtol=1e-5, atol=2e-6 * np.sqrt(k) * 4)
+
+
+@needs_kernel
+@pytest.mark.parametrize("transpose_a", [False, True])
+@pytest.mark.parametrize("transpose_b", [False, True])
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("m, k, n", [(1, 1, 1), (7, 5, 17), (13, 1601, 33), (200, 64, 48), (97, 800, 15)],
+                         ids=["1x1x1", "edges", "three-k-blocks", "two-row-blocks", "row-block-edge"])
+def test_matches_numpy(m, k, n, transpose_a, transpose_b, with_bias):
+    # Shapes straddle the 6 x 16 register tile, the 96-row task block and the 768-deep K block.
+    a, b, bias = normal((m, k)), normal((k, n), 1), normal((n,), 2)
+    ref = a.astype(np.float64) @ b.astype(np.float64) + (bias if with_bias else 0.0)
+    a_arg = np.ascontiguousarray(a.T) if transpose_a else a
+    b_arg = np.ascontiguousarray(b.T) if transpose_b else b
+    out = jax.jit(lambda a, b, bias: cpu_dense.matmul(
+        a, b, bias if with_bias else None, transpose_a=transpose_a, transpose_b=transpose_b))(a_arg, b_arg, bias)
+    assert_close_to_float64(np.asarray(out), ref, k)
+
+
+@needs_kernel
+def test_does_not_read_what_the_output_held():
+    # XLA may hand the kernel a reused buffer: every output element must be written, not accumulated into.
+    a, b = normal((50, 900)), normal((900, 20), 1)
+    f = jax.jit(lambda a, b: cpu_dense.matmul(a, b) + 0.0)
+    first = np.asarray(f(a, b))
+    for _ in range(3):
+        np.testing.assert_array_equal(np.asarray(f(a, b)), first)
+
+
+def test_applies_only_to_float32_on_the_cpu():
+    x = jnp.zeros((4, 3), jnp.float32)
+    with build.switched_off():
+        assert not cpu_dense.applies(x)
+    assert cpu_dense.applies(x) == cpu_dense.available()
+    assert not cpu_dense.applies(x, x.astype(jnp.bfloat16))
+
+
+@needs_kernel
+def test_vmap_folds_rows_or_falls_back():
+    x, w, bias = normal((3, 10, 6)), normal((6, 5), 1), normal((5,), 2)
+    folded = jax.jit(jax.vmap(lambda x: cpu_dense.matmul(x, w, bias)))
+    assert "imm_matmul" in folded.lower(x).as_text()
+    ref = x.astype(np.float64) @ w + bias
+    assert_close_to_float64(np.asarray(folded(x)), ref, 6)
+    ws = normal((3, 6, 5), 3)  # a batched weight: the jnp formula, same values
+    out = jax.vmap(lambda x, w: cpu_dense.matmul(x, w, bias))(x, ws)
+    assert_close_to_float64(np.asarray(out), np.einsum("bik,bkn->bin", x.astype(np.float64), ws) + bias, 6)
+
+
+@needs_kernel
+def test_row_sharded_jit_runs_per_shard_and_matches_one_device():
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    x, w, bias = normal((8, 16, 24)), normal((24, 40), 1), normal((40,), 2)
+    loss = lambda x, w, b: jnp.mean(jnp.sin(layers.linear(x, w, b)))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)), out_shardings=(None, (sharding, None, None)))
+    x_sharded = jax.device_put(x, sharding)
+    hlo = step.lower(x_sharded, w, bias).compile().as_text()
+    assert "all-gather" not in hlo  # forward and input gradient on each device's 2 x 16 rows
+    assert hlo.count("f32[32,40]{1,0} custom-call") == 1 and hlo.count("f32[32,24]{1,0} custom-call") == 1
+    value, grads = step(x_sharded, w, bias)
+    with build.switched_off():
+        ref_value, ref_grads = jax.value_and_grad(loss, argnums=(0, 1, 2))(x, w, bias)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_dit_uses_the_kernel_with_the_same_output():
+    config = networks.dit_config(None, image_size=8, in_channels=1, num_classes=3, patch_size=2, hidden_size=32,
+                                 depth=2, num_heads=2)
+    net = networks.build(config)
+    x = jnp.asarray(normal((2, 8, 8, 1)))
+    t, s, y = jnp.array([0.9, 0.5]), jnp.array([0.1, 0.2]), jnp.array([0, 2])
+    params = net.init(jax.random.PRNGKey(0), x, t, s, y)
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(normal(p.shape, 4)), params)  # adaLN-Zero is zero
+    apply = lambda p: net.apply(p, x, t, s, y)
+    assert "imm_matmul" in jax.jit(apply).lower(params).as_text()
+    with build.switched_off():
+        lowered = jax.jit(lambda p: net.apply(p, x, t, s, y)).lower(params)
+        assert "imm_matmul" not in lowered.as_text() and "imm_attention" not in lowered.as_text()
+        reference = apply(params)
+    np.testing.assert_allclose(apply(params), reference, rtol=1e-5, atol=1e-5)
+
+
+def test_falls_back_with_a_warning_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("IMM_JAX_CACHE_DIR", str(tmp_path / "cache"))
+    with caplog.at_level(logging.WARNING):
+        assert cpu_dense.available.__wrapped__() is False
+    assert "plain-JAX path" in caplog.text
+
+
+@pytest.mark.parametrize("variable", [cpu_dense.ENV_SWITCH, build.ENV_ALL])
+def test_switches_turn_it_off(monkeypatch, variable):
+    monkeypatch.setenv(variable, "0")
+    assert cpu_dense.available.__wrapped__() is False
