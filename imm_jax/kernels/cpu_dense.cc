@@ -3,13 +3,13 @@
 // A is stored (M, K), or (K, M) with transpose_a; B is stored (K, N), or (N, K) with transpose_b; all float32,
 // row-major, C written in full (no accumulation into its old contents).
 //
-// Why: XLA:CPU's library GEMM runs the token linears of a DiT (M = batch * tokens, K and N a few hundred) at
-// 0.65-0.85 of the 2048^3 matmul peak; this blocked GEMM (6 x 16 register tile, GCC vector extensions,
-// -march=native) runs them at ~0.9+ on the development machine (docs/PERFORMANCE.md).
+// Why: XLA:CPU's library GEMM ran the DiT-S/2 token linears (M = batch * tokens = 8192, K and N 384-1536) at
+// 97-137 GFLOP/s on the 2-core development machine; this blocked GEMM (6 x 16 register tile, GCC vector
+// extensions, -march=native) at 133-165, the forward with K = 384 1.3-1.4x faster (docs/PERFORMANCE.md).
 //
 // Blocking (GotoBLAS): B is packed once per call into 16-column panels per K block and shared by all tasks;
 // each task owns a block of up to kMC rows and a range of column panels, packs its rows of A per K block
-// (kMC x kKC floats, L2-resident) and runs the register tile over the B panels (kKC x 16, L1-resident).
+// (kMC x kKC floats, L2-resident) and runs the register tile over its B panels (kKC x 16 floats each).
 // Tasks run on XLA's intra-op thread pool.
 // Built at first use by imm_jax/kernels/build.py (g++ -O3 -march=native) against jaxlib's FFI headers.
 
