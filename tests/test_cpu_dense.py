@@ -1,6 +1,6 @@
-"""The CPU GEMM of the linear layers (imm_jax/kernels/cpu_dense.cc): values against NumPy for every operand
-layout and block edge, vmap, a row-sharded jit, the DiT using it, and the fallbacks. Gradients of
-layers.linear through it are checked in test_layer_vjps.py."""
+"""The CPU GEMM of the linear and convolution layers (imm_jax/kernels/cpu_dense.cc): values against NumPy for
+every operand layout and block edge, convolutions, vmap, sharded jits, the DiT and UNet using it, and the
+fallbacks. Gradients of layers.linear / layers.conv2d through it are checked in test_layer_vjps.py."""
 import logging
 
 import jax
@@ -12,6 +12,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 from imm_jax import networks
 from imm_jax.kernels import build, cpu_dense
 from imm_jax.networks import layers
+from test_layer_vjps import numpy_conv
 
 needs_kernel = pytest.mark.skipif(not cpu_dense.available(),
                                   reason="no C++ compiler here: the CPU dense kernel is not built")
@@ -109,6 +110,65 @@ def test_dit_uses_the_kernel_with_the_same_output():
         assert "imm_matmul" not in lowered.as_text() and "imm_attention" not in lowered.as_text()
         reference = apply(params)
     np.testing.assert_allclose(apply(params), reference, rtol=1e-5, atol=1e-5)
+
+
+@needs_kernel
+@pytest.mark.parametrize("shape, k, pad", [((2, 5, 7, 3), 3, 1), ((1, 6, 6, 70), 3, 0), ((2, 4, 4, 2), 3, 2),
+                                           ((3, 9, 8, 5), 5, 2), ((2, 3, 3, 4), 1, 0), ((1, 7, 7, 40), 5, 1)],
+                         ids=["same", "valid-wide", "pad-2", "5x5", "1x1", "tap-across-k-blocks"])
+def test_conv2d_matches_numpy(shape, k, pad):
+    # 6-row panels cross image rows and images; with 5 x 5 x 40 = 1000 columns the 768-deep K block ends inside
+    # tap 19 (columns 760-799).
+    x, kernel = normal(shape), normal((k, k, shape[-1], 21), 1)
+    out = jax.jit(lambda x, w: cpu_dense.conv2d(x, w, pad))(x, kernel)
+    assert_close_to_float64(np.asarray(out), numpy_conv(x, kernel, pad), k * k * shape[-1])
+
+
+@needs_kernel
+def test_conv2d_rejects_bad_shapes():
+    with pytest.raises(ValueError, match="square HWIO"):
+        cpu_dense.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 5)), 1)
+
+
+@needs_kernel
+def test_conv2d_vmap_and_batch_sharded_jit():
+    x, kernel = normal((3, 2, 6, 6, 4)), normal((3, 3, 4, 5), 1)
+    folded = jax.jit(jax.vmap(lambda x: cpu_dense.conv2d(x, kernel, 1)))
+    assert "imm_conv2d" in folded.lower(x).as_text()
+    for i in range(3):
+        assert_close_to_float64(np.asarray(folded(x)[i]), numpy_conv(x[i], kernel, 1), 36)
+    mesh = Mesh(np.array(jax.devices()[:4]).reshape(2, 2), ("data", "fsdp"))
+    sharding = NamedSharding(mesh, P(("data", "fsdp")))
+    xs = normal((8, 6, 6, 4))
+    loss = lambda x, w: jnp.mean(jnp.sin(layers.conv2d(x, w, 1)))
+    step = jax.jit(jax.value_and_grad(loss, argnums=(0, 1)), out_shardings=(None, (sharding, None)))
+    x_sharded = jax.device_put(xs, sharding)
+    hlo = step.lower(x_sharded, kernel).compile().as_text()
+    assert "all-gather" not in hlo  # forward and input gradient on each device's 2 images
+    assert hlo.count("f32[2,6,6,5]{3,2,1,0} custom-call") == 1 and hlo.count("f32[2,6,6,4]{3,2,1,0} custom-call") == 1
+    value, grads = step(x_sharded, kernel)
+    with build.switched_off():
+        ref_value, ref_grads = jax.value_and_grad(loss, argnums=(0, 1))(xs, kernel)
+    np.testing.assert_allclose(value, ref_value, rtol=1e-5)
+    for g, r in zip(grads, ref_grads):
+        np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
+
+
+@needs_kernel
+def test_unet_uses_the_kernels_with_the_same_output():
+    config = networks.unet_config(image_size=8, in_channels=3, model_channels=16, channel_mult=(1, 2),
+                                  num_blocks=1, attn_resolutions=(4,))
+    net = networks.build(config)
+    x = jnp.asarray(normal((2, 8, 8, 3)))
+    t, s = jnp.array([0.9, 0.5]), jnp.array([0.1, 0.2])
+    params = net.init(jax.random.PRNGKey(0), x, t, s, None)
+    params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(normal(p.shape, 4)), params)
+    apply = lambda p: net.apply(p, x, t, s, None)
+    text = jax.jit(apply).lower(params).as_text()
+    assert "imm_conv2d" in text and "imm_matmul" in text
+    with build.switched_off():
+        reference = apply(params)
+    np.testing.assert_allclose(apply(params), reference, rtol=1e-4, atol=1e-5)
 
 
 def test_falls_back_with_a_warning_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):

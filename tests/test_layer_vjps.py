@@ -1,6 +1,7 @@
 """layers.linear / layers.Dense / layers.conv2d (hand-written backwards) against NumPy, autodiff and flax.
 
-The linear tests run both paths: the CPU kernel (imm_jax/kernels/cpu_dense.cc) where it is built, and jnp.dot.
+The linear and convolution value/gradient tests run both paths: the CPU kernels (imm_jax/kernels/cpu_dense.cc)
+where they are built, and jnp.dot / lax.conv_general_dilated.
 """
 import contextlib
 
@@ -101,7 +102,7 @@ def autodiff_conv(x, kernel, pad):
 
 
 @pytest.mark.parametrize("k,pad", [(3, 1), (3, 2), (3, 0), (1, 0), (5, 2)])
-def test_conv2d_values_and_gradients(k, pad):
+def test_conv2d_values_and_gradients(k, pad, path):
     r = np.random.default_rng(k * 10 + pad)
     x = jnp.asarray(r.normal(size=(2, 6, 5, 3)), jnp.float32)
     kernel = jnp.asarray(r.normal(size=(k, k, 3, 4)), jnp.float32)

@@ -89,13 +89,56 @@ struct Problem {
   int64_t b_offset(int64_t kb, int64_t jp) const { return kb * kKC * n_panels() * kNR + jp * kc(kb) * kNR; }
 };
 
-// C rows [i0, i0 + rows) x column panels [jp0, jp1), all K blocks.
-void run_block(const Problem& pr, const float* bp, int64_t i0, int64_t rows, int64_t jp0, int64_t jp1,
-               float* ap) {
+// Packs rows [i0, i0 + rows) x columns [p0, p0 + kc) of A as pack_a does, from the strided matrix pr.a.
+struct MatrixRows {
+  Mat a;
+  void operator()(int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) const {
+    pack_a(a, i0, rows, p0, kc, dst);
+  }
+};
+
+// The same for the implicit im2col matrix of a stride-1 convolution: row i is output pixel (b, oy, ox) of
+// x (B, H, W, C) NHWC, column p = (ky * k + kx) * C + c reads x[b, oy + ky - pad, ox + kx - pad, c] (zero
+// outside), so A @ kernel.reshape(k * k * C, Cout) is the convolution.
+struct ConvPatches {
+  const float* x;
+  int64_t h, w, c, k, pad, ho, wo;
+  void operator()(int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) const {
+    for (int64_t ip = 0; ip * kMR < rows; ++ip) {
+      float* panel = dst + ip * kc * kMR;
+      for (int r = 0; r < kMR; ++r) {
+        const int64_t i = i0 + ip * kMR + r;
+        if (ip * kMR + r >= rows) {
+          for (int64_t p = 0; p < kc; ++p) panel[p * kMR + r] = 0.f;
+          continue;
+        }
+        const int64_t b = i / (ho * wo), oy = i / wo % ho, ox = i % wo;
+        // Walk the columns in runs of one kernel tap: contiguous channels of one input pixel (or zeros).
+        for (int64_t p = p0; p < p0 + kc;) {
+          const int64_t tap = p / c, c0 = p % c, run = std::min(c - c0, p0 + kc - p);
+          const int64_t iy = oy + tap / k - pad, ix = ox + tap % k - pad;
+          float* out = panel + (p - p0) * kMR + r;
+          if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
+            for (int64_t q = 0; q < run; ++q) out[q * kMR] = 0.f;
+          } else {
+            const float* src = x + ((b * h + iy) * w + ix) * c + c0;
+            for (int64_t q = 0; q < run; ++q) out[q * kMR] = src[q];
+          }
+          p += run;
+        }
+      }
+    }
+  }
+};
+
+// C rows [i0, i0 + rows) x column panels [jp0, jp1), all K blocks; pack_rows packs A's rows (see above).
+template <typename PackRows>
+void run_block(const Problem& pr, const PackRows& pack_rows, const float* bp, int64_t i0, int64_t rows,
+               int64_t jp0, int64_t jp1, float* ap) {
   const int64_t panels = (rows + kMR - 1) / kMR, last = pr.k_blocks() - 1;
   for (int64_t kb = 0; kb <= last; ++kb) {
     const int64_t kc = pr.kc(kb);
-    pack_a(pr.a, i0, rows, kb * kKC, kc, ap);
+    pack_rows(i0, rows, kb * kKC, kc, ap);
     for (int64_t jp = jp0; jp < jp1; ++jp) {
       const float* bpan = bp + pr.b_offset(kb, jp);
       const int64_t j0 = jp * kNR, width = std::min<int64_t>(kNR, pr.n - j0);
@@ -143,7 +186,8 @@ void run_block(const Problem& pr, const float* bp, int64_t i0, int64_t rows, int
   }
 }
 
-void matmul(ffi::ThreadPool& pool, const Problem& pr) {
+template <typename PackRows>
+void matmul(ffi::ThreadPool& pool, const Problem& pr, const PackRows& pack_rows) {
   if (pr.m == 0 || pr.n == 0) return;
   if (pr.k == 0) {
     for (int64_t i = 0; i < pr.m; ++i)
@@ -165,13 +209,13 @@ void matmul(ffi::ThreadPool& pool, const Problem& pr) {
   const int64_t want = 4 * std::max<int64_t>(1, pool.num_threads() + 1);
   const int64_t col_splits = std::min<int64_t>(n_panels, std::max<int64_t>(1, (want + row_blocks - 1) / row_blocks));
   const int64_t panels_per_split = (n_panels + col_splits - 1) / col_splits;
-  parallel_for(pool, row_blocks * col_splits, [&pr, bp, col_splits, panels_per_split, n_panels](int64_t task) {
+  parallel_for(pool, row_blocks * col_splits, [&, bp, col_splits, panels_per_split, n_panels](int64_t task) {
     const int64_t rb = task / col_splits, cs = task % col_splits;
     const int64_t jp0 = cs * panels_per_split, jp1 = std::min(n_panels, jp0 + panels_per_split);
     if (jp0 >= jp1) return;
     Scratch& scratch = thread_scratch();
     float* ap = scratch.get(scratch.a_pack, kMC * kKC);
-    run_block(pr, bp, rb * kMC, std::min(kMC, pr.m - rb * kMC), jp0, jp1, ap);
+    run_block(pr, pack_rows, bp, rb * kMC, std::min(kMC, pr.m - rb * kMC), jp0, jp1, ap);
   });
 }
 
@@ -191,7 +235,23 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
              transpose_a ? Mat{a.typed_data(), 1, m} : Mat{a.typed_data(), k, 1},
              transpose_b ? Mat{b.typed_data(), 1, k} : Mat{b.typed_data(), n, 1},
              has_bias ? bias.typed_data() : nullptr, c->typed_data()};
-  matmul(pool, pr);
+  matmul(pool, pr, MatrixRows{pr.a});
+  return ffi::Error::Success();
+}
+
+// Stride-1 convolution, x (B, H, W, Cin) NHWC, kernel (k, k, Cin, Cout) HWIO, zero padding `pad` on every
+// side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, Cout): the GEMM above on implicit im2col rows.
+ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, int64_t pad,
+                      ffi::ResultBuffer<ffi::F32> y) {
+  auto dx = x.dimensions(), dk = kernel.dimensions(), dy = y->dimensions();
+  if (dx.size() != 4 || dk.size() != 4 || dy.size() != 4 || dk[0] != dk[1] || dk[2] != dx[3])
+    return ffi::Error::InvalidArgument("imm_conv2d: expects x (B, H, W, C) and a square HWIO kernel (k, k, C, D)");
+  const int64_t k = dk[0], ho = dx[1] + 2 * pad - k + 1, wo = dx[2] + 2 * pad - k + 1;
+  if (pad < 0 || ho < 1 || wo < 1 || dy[0] != dx[0] || dy[1] != ho || dy[2] != wo || dy[3] != dk[3])
+    return ffi::Error::InvalidArgument("imm_conv2d: output shape does not match input, kernel and padding");
+  const int64_t m = dx[0] * ho * wo, kk = k * k * dx[3], n = dk[3];
+  Problem pr{m, n, kk, Mat{nullptr, 0, 0}, Mat{kernel.typed_data(), n, 1}, nullptr, y->typed_data()};
+  matmul(pool, pr, ConvPatches{x.typed_data(), dx[1], dx[2], dx[3], k, pad, ho, wo});
   return ffi::Error::Success();
 }
 
@@ -206,4 +266,12 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ImmMatmul, MatmulImpl,
                                   .Attr<bool>("transpose_a")
                                   .Attr<bool>("transpose_b")
                                   .Attr<bool>("has_bias")
+                                  .Ret<ffi::Buffer<ffi::F32>>());
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(ImmConv2d, Conv2dImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("pad")
                                   .Ret<ffi::Buffer<ffi::F32>>());

@@ -1,8 +1,9 @@
-"""Matrix products of linear layers as an XLA:CPU custom call (cpu_dense.cc): op(A) @ op(B) [+ bias].
+"""Matrix products of linear layers and stride-1 convolutions as XLA:CPU custom calls (cpu_dense.cc).
 
-Used by `imm_jax.networks.layers.linear` for float32 on the CPU when a C++ compiler is present (built at first
-use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`), linears use
-`jnp.dot` as before. docs/PERFORMANCE.md has the measurements.
+`matmul`: op(A) @ op(B) [+ bias]; `conv2d`: NHWC x HWIO, the same GEMM on implicit im2col rows. Used by
+`imm_jax.networks.layers.linear` / `layers.conv2d` for float32 on the CPU when a C++ compiler is present
+(built at first use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`),
+they use `jnp.dot` / `lax.conv_general_dilated` as before. docs/PERFORMANCE.md has the measurements.
 """
 from __future__ import annotations
 
@@ -10,6 +11,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.custom_batching import custom_vmap
 from jax.experimental.custom_partitioning import custom_partitioning
 from jax.sharding import NamedSharding, PartitionSpec
@@ -22,7 +24,8 @@ ENV_SWITCH = "IMM_JAX_CPU_DENSE"
 @functools.cache
 def available() -> bool:
     """True when the kernel is switched on, compiled and registered with XLA:CPU (logs why not, once)."""
-    return build.load("cpu_dense", {"imm_matmul": "ImmMatmul"}, ENV_SWITCH, "the linear layers")
+    return build.load("cpu_dense", {"imm_matmul": "ImmMatmul", "imm_conv2d": "ImmConv2d"}, ENV_SWITCH,
+                      "the linear and convolution layers")
 
 
 def applies(*arrays: jax.Array) -> bool:
@@ -108,3 +111,54 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
         return _ffi_call(True, transpose_b, a, b, bias)
     bias_arg = bias if bias is not None else jnp.zeros((1,), jnp.float32)
     return _folding_vmap(transpose_b, bias is not None)(a, b, bias_arg)
+
+
+def _conv_call(pad: int, x, kernel):
+    if not available():
+        raise RuntimeError(f"the CPU dense kernel is unavailable (see the warning above, or {ENV_SWITCH}=0)")
+    b, h, w, _ = x.shape
+    k, n = kernel.shape[0], kernel.shape[-1]
+    out = jax.ShapeDtypeStruct((b, h + 2 * pad - k + 1, w + 2 * pad - k + 1, n), jnp.float32)
+    return jax.ffi.ffi_call("imm_conv2d", out)(x, kernel, pad=np.int64(pad))
+
+
+def _batch_shardings(mesh, arg_shapes):
+    spec = tuple(getattr(arg_shapes[0].sharding, "spec", ()))
+    batch = PartitionSpec(spec[0] if spec else None, None, None, None)
+    return (NamedSharding(mesh, batch), NamedSharding(mesh, PartitionSpec())), NamedSharding(mesh, batch)
+
+
+@functools.cache
+def _conv(pad: int):
+    """The convolution call: per batch shard on a mesh, vmap of x alone folded into the batch."""
+    call = functools.partial(_conv_call, pad)
+
+    def partition(mesh, arg_shapes, result_shape):
+        args, result = _batch_shardings(mesh, arg_shapes)
+        return mesh, call, result, args
+
+    partitioned = custom_partitioning(call)
+    partitioned.def_partition(
+        partition, infer_sharding_from_operands=lambda mesh, args, result: _batch_shardings(mesh, args)[1],
+        sharding_rule="b h w c, kh kw c d -> b oh ow d")
+    batched = custom_vmap(lambda x, kernel: partitioned(x, kernel))
+
+    @batched.def_vmap
+    def _rule(axis_size, in_batched, x, kernel):
+        if in_batched[0] and not in_batched[1]:
+            out = batched(x.reshape(-1, *x.shape[2:]), kernel)
+            return out.reshape(axis_size, -1, *out.shape[1:]), True
+        ref = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+                                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        return jax.vmap(ref, in_axes=tuple(0 if v else None for v in in_batched))(x, kernel), True
+
+    return batched
+
+
+def conv2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+    """Stride-1 convolution: x (B, H, W, C) NHWC float32, kernel (k, k, C, D) HWIO float32, zero padding `pad`
+    on every side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, D). Partitioned by batch on a mesh."""
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"conv2d takes x (B, H, W, C) and a square HWIO kernel (k, k, C, D), got {x.shape} and "
+                         f"{kernel.shape}")
+    return _conv(int(pad))(x, kernel)
