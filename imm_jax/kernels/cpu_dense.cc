@@ -1,11 +1,14 @@
-// Matrix product for XLA:CPU with the operand transposes a linear layer and its backward need:
-//   C (M, N) = op(A) (M, K) @ op(B) (K, N) [+ bias (N)]
-// A is stored (M, K), or (K, M) with transpose_a; B is stored (K, N), or (N, K) with transpose_b; all float32,
-// row-major, C written in full (no accumulation into its old contents).
+// Matrix products for XLA:CPU: a linear layer and its input gradient, and stride-1 convolutions.
+//   imm_matmul:  C (M, N) = op(A) (M, K) @ op(B) (K, N) [+ bias (N)]
+//                A is stored (M, K), or (K, M) with transpose_a; B is stored (K, N), or (N, K) with transpose_b.
+//   imm_conv2d:  y = conv(x, kernel), x (B, H, W, C) NHWC, kernel (k, k, C, D) HWIO, zero padding `pad`: the same
+//                GEMM with A the implicit im2col matrix of x (never stored) and B the kernel as (k k C, D).
+// All float32, row-major; outputs written in full (no accumulation into their old contents).
 //
 // Why: XLA:CPU's library GEMM ran the DiT-S/2 token linears (M = batch * tokens = 8192, K and N 384-1536) at
-// 97-137 GFLOP/s on the 2-core development machine; this blocked GEMM (6 x 16 register tile, GCC vector
-// extensions, -march=native) at 133-165, the forward with K = 384 1.3-1.4x faster (docs/PERFORMANCE.md).
+// 97-137 GFLOP/s on the 2-core development machine, its convolution the narrow DDPM++'s 3x3 convs at 59-113;
+// this blocked GEMM (6 x 16 register tile, GCC vector extensions, -march=native) at 133-165 and 117-142
+// (docs/PERFORMANCE.md).
 //
 // Blocking (GotoBLAS): B is packed once per call into 16-column panels per K block and shared by all tasks;
 // each task owns a block of up to kMC rows and a range of column panels, packs its rows of A per K block
