@@ -70,13 +70,14 @@ def cost_flops(compiled) -> float:
     return float(ca.get("flops", 0.0))
 
 
-KERNEL_TARGETS = ("imm_attention", "imm_matmul")  # custom calls of imm_jax/kernels
+# The custom-call targets of each CPU kernel (imm_jax/kernels).
+KERNEL_TARGETS = {"attention": ("imm_attention",), "dense": ("imm_matmul", "imm_conv2d")}
 
 
 def kernels_called(compiled) -> list[str]:
     """Which of the CPU kernels (imm_jax/kernels) a compiled program calls: "attention", "dense"."""
     text = compiled.as_text()
-    return [name for name, target in zip(("attention", "dense"), KERNEL_TARGETS) if target in text]
+    return [name for name, targets in KERNEL_TARGETS.items() if any(t in text for t in targets)]
 
 
 def model_flops(compiled, recompile) -> tuple[float, list[str]]:

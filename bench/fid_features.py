@@ -45,9 +45,12 @@ def main():
         first_s = time.perf_counter() - t0
         times = common.time_calls(lambda: extractor.features_of_batch(images), args.batches, warmup=0)
         t = common.median(times)
-        compiled = extractor._forward.lower(
-            extractor.params, jax.device_put(images, extractor._batch_sharding)).compile()
-        flops = common.cost_flops(compiled) * jax.device_count()  # per-partition count for SPMD
+        lower = lambda ex: ex._forward.lower(ex.params, jax.device_put(images, ex._batch_sharding)).compile()
+        # A fresh extractor (a fresh trace) with the CPU kernels off when the program calls them: XLA's
+        # cost analysis does not count custom calls.
+        flops, _ = common.model_flops(lower(extractor), lambda: lower(
+            features.FeatureExtractor(args.weights, batch_size=args.batch)))
+        flops *= jax.device_count()  # per-partition count for SPMD
         row = dict(input=f"{size}x{size}x{args.channels}", batch=extractor.batch_size,
                    devices=jax.device_count(), batch_s=t, img_s=extractor.batch_size / t,
                    gflop_img=flops / extractor.batch_size / 1e9, gflop_s=flops / t / 1e9,

@@ -48,7 +48,7 @@ def main():
     import jax.numpy as jnp
     import numpy as np
     import train_step as ts_bench
-    from imm_jax import losses, mmd, train
+    from imm_jax import mmd, train
 
     peak = common.matmul_peak_flops()
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)

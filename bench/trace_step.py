@@ -5,7 +5,7 @@
 Traces one compiled step with `jax.profiler` (thunk-level events, one per executed HLO operation), joins the
 events with the optimized HLO and prints time per (forward/backward, layer, kind) group: dots with their
 FLOPs and GFLOP/s, elementwise fusions, copies, the CPU kernels (imm_jax/kernels: attention with the FLOPs
-of the plain-JAX attention's matmuls, the linear layers' products with their own). XLA:CPU may run independent operations concurrently, so
+of the plain-JAX attention's matmuls, the linear layers' products and convolutions with their own). XLA:CPU may run independent operations concurrently, so
 per-operation times overlap and sum to more than the step (the first line says by how much); read the groups
 as relative costs. Dots that XLA runs through Eigen (e.g. the weight gradients) execute asynchronously: their
 events cover only the launch, so a group holding them reads faster than it ran. `gflop` counts
@@ -85,6 +85,12 @@ def parse_hlo(text: str) -> dict[str, dict]:
             k = a_dims[0] if "transpose_a = true" in ins["rest"] else a_dims[1]
             m, n = _dims(ins["shape"])
             flops = 2 * m * n * k
+        elif kernel == "imm_conv2d":  # 2 * output elements * k * k * C_in, from the kernel (k, k, C_in, C_out)
+            kernel_dims = _dims(re.findall(r"f32\[[^\]]*\]", ins["rest"].split("operand_layout_constraints=")[1])[1])
+            out = 1
+            for d in _dims(ins["shape"]):
+                out *= d
+            flops = 2 * out * kernel_dims[0] * kernel_dims[1] * kernel_dims[2]
         info[name] = dict(op=ins["op"], op_name=op_name.group(1) if op_name else "", flops=flops, kernel=kernel,
                           dots=len(dots), convs=sum(i["op"] == "convolution" for _, i in dots))
     return info
@@ -106,9 +112,10 @@ def group(i: dict) -> tuple[str, str, str]:
         return ("backward" if i["kernel"].endswith("backward") else "forward"), "attn/core", "attention kernel"
     direction = "backward" if "transpose(" in i["op_name"] else "forward"
     layer = next((key for key in LAYERS if f"/{key}/" in i["op_name"] or i["op_name"].endswith(f"/{key}")), "other")
-    kind = ("dense kernel" if i["kernel"] == "imm_matmul" else "conv" if i["convs"] else "dot" if i["dots"]
+    kind = ("dense kernel" if i["kernel"] == "imm_matmul" else "conv kernel" if i["kernel"] == "imm_conv2d"
+            else "conv" if i["convs"] else "dot" if i["dots"]
             else "copy" if i["op"] == "copy" else "elementwise/other")
-    return direction, layer if kind in ("dot", "conv", "dense kernel") else "-", kind
+    return direction, layer if kind in ("dot", "conv", "dense kernel", "conv kernel") else "-", kind
 
 
 def main():

@@ -125,9 +125,29 @@ def test_conv2d_matches_numpy(shape, k, pad):
 
 
 @needs_kernel
+@pytest.mark.parametrize("shape, kernel_shape, pad, stride", [((2, 9, 8, 3), (1, 3), (0, 1), 1),
+                                                              ((2, 9, 8, 3), (3, 3), (0, 0), 2),
+                                                              ((1, 10, 11, 4), (7, 1), (3, 0), 1),
+                                                              ((1, 8, 8, 5), (3, 3), (1, 1), 2)],
+                         ids=["1x3", "stride-2", "7x1", "stride-2-padded"])
+def test_conv2d_rectangular_and_strided_match_numpy(shape, kernel_shape, pad, stride):
+    # The FID Inception's convolutions: rectangular kernels, per-axis padding, stride 2.
+    x, kernel = normal(shape), normal((*kernel_shape, shape[-1], 7), 1)
+    out = jax.jit(lambda x, w: cpu_dense.conv2d(x, w, pad, stride=stride))(x, kernel)
+    kh, kw = kernel_shape
+    xp = np.pad(x.astype(np.float64), ((0, 0), (pad[0], pad[0]), (pad[1], pad[1]), (0, 0)))
+    ho, wo = (xp.shape[1] - kh) // stride + 1, (xp.shape[2] - kw) // stride + 1
+    ref = sum(np.einsum("bhwc,cd->bhwd", xp[:, i:i + stride * (ho - 1) + 1:stride, j:j + stride * (wo - 1) + 1:stride],
+                        kernel[i, j].astype(np.float64)) for i in range(kh) for j in range(kw))
+    assert_close_to_float64(np.asarray(out), ref, kh * kw * shape[-1])
+
+
+@needs_kernel
 def test_conv2d_rejects_bad_shapes():
-    with pytest.raises(ValueError, match="square HWIO"):
+    with pytest.raises(ValueError, match="HWIO"):
         cpu_dense.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 2, 5)), 1)
+    with pytest.raises(ValueError, match="stride"):
+        cpu_dense.conv2d(jnp.zeros((1, 4, 4, 3)), jnp.zeros((3, 3, 3, 5)), 1, stride=0)
 
 
 @needs_kernel

@@ -1,8 +1,8 @@
 // Matrix products for XLA:CPU: a linear layer and its input gradient, and stride-1 convolutions.
 //   imm_matmul:  C (M, N) = op(A) (M, K) @ op(B) (K, N) [+ bias (N)]
 //                A is stored (M, K), or (K, M) with transpose_a; B is stored (K, N), or (N, K) with transpose_b.
-//   imm_conv2d:  y = conv(x, kernel), x (B, H, W, C) NHWC, kernel (k, k, C, D) HWIO, zero padding `pad`: the same
-//                GEMM with A the implicit im2col matrix of x (never stored) and B the kernel as (k k C, D).
+//   imm_conv2d:  y = conv(x, kernel), x (B, H, W, C) NHWC, kernel (kh, kw, C, D) HWIO, zero padding, a stride: the
+//                same GEMM with A the implicit im2col matrix of x (never stored) and B the kernel as (kh kw C, D).
 // All float32, row-major; outputs written in full (no accumulation into their old contents).
 //
 // Why: XLA:CPU's library GEMM ran the DiT-S/2 token linears (M = batch * tokens = 8192, K and N 384-1536) at
@@ -100,12 +100,12 @@ struct MatrixRows {
   }
 };
 
-// The same for the implicit im2col matrix of a stride-1 convolution: row i is output pixel (b, oy, ox) of
-// x (B, H, W, C) NHWC, column p = (ky * k + kx) * C + c reads x[b, oy + ky - pad, ox + kx - pad, c] (zero
-// outside), so A @ kernel.reshape(k * k * C, Cout) is the convolution.
+// The same for the implicit im2col matrix of a convolution: row i is output pixel (b, oy, ox) of x (B, H, W, C)
+// NHWC, column p = (ky * kw + kx) * C + c reads x[b, oy * stride + ky - ph, ox * stride + kx - pw, c] (zero
+// outside), so A @ kernel.reshape(kh * kw * C, Cout) is the convolution.
 struct ConvPatches {
   const float* x;
-  int64_t h, w, c, k, pad, ho, wo;
+  int64_t h, w, c, kw, stride, ph, pw, ho, wo;
   void operator()(int64_t i0, int64_t rows, int64_t p0, int64_t kc, float* dst) const {
     for (int64_t ip = 0; ip * kMR < rows; ++ip) {
       float* panel = dst + ip * kc * kMR;
@@ -119,7 +119,7 @@ struct ConvPatches {
         // Walk the columns in runs of one kernel tap: contiguous channels of one input pixel (or zeros).
         for (int64_t p = p0; p < p0 + kc;) {
           const int64_t tap = p / c, c0 = p % c, run = std::min(c - c0, p0 + kc - p);
-          const int64_t iy = oy + tap / k - pad, ix = ox + tap % k - pad;
+          const int64_t iy = oy * stride + tap / kw - ph, ix = ox * stride + tap % kw - pw;
           float* out = panel + (p - p0) * kMR + r;
           if (iy < 0 || iy >= h || ix < 0 || ix >= w) {
             for (int64_t q = 0; q < run; ++q) out[q * kMR] = 0.f;
@@ -242,19 +242,22 @@ ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a, ffi::Buffer
   return ffi::Error::Success();
 }
 
-// Stride-1 convolution, x (B, H, W, Cin) NHWC, kernel (k, k, Cin, Cout) HWIO, zero padding `pad` on every
-// side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, Cout): the GEMM above on implicit im2col rows.
-ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel, int64_t pad,
-                      ffi::ResultBuffer<ffi::F32> y) {
+// Convolution, x (B, H, W, Cin) NHWC, kernel (kh, kw, Cin, Cout) HWIO, zero padding (pad_h, pad_w) on both
+// sides of each spatial axis, equal strides -> (B, (H + 2 pad_h - kh) / stride + 1, ..., Cout): the GEMM above
+// on implicit im2col rows.
+ffi::Error Conv2dImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> kernel,
+                      int64_t stride, int64_t pad_h, int64_t pad_w, ffi::ResultBuffer<ffi::F32> y) {
   auto dx = x.dimensions(), dk = kernel.dimensions(), dy = y->dimensions();
-  if (dx.size() != 4 || dk.size() != 4 || dy.size() != 4 || dk[0] != dk[1] || dk[2] != dx[3])
-    return ffi::Error::InvalidArgument("imm_conv2d: expects x (B, H, W, C) and a square HWIO kernel (k, k, C, D)");
-  const int64_t k = dk[0], ho = dx[1] + 2 * pad - k + 1, wo = dx[2] + 2 * pad - k + 1;
-  if (pad < 0 || ho < 1 || wo < 1 || dy[0] != dx[0] || dy[1] != ho || dy[2] != wo || dy[3] != dk[3])
+  if (dx.size() != 4 || dk.size() != 4 || dy.size() != 4 || dk[2] != dx[3])
+    return ffi::Error::InvalidArgument("imm_conv2d: expects x (B, H, W, C) and an HWIO kernel (kh, kw, C, D)");
+  if (stride < 1 || pad_h < 0 || pad_w < 0 || dx[1] + 2 * pad_h < dk[0] || dx[2] + 2 * pad_w < dk[1])
+    return ffi::Error::InvalidArgument("imm_conv2d: bad stride or padding for this input and kernel");
+  const int64_t ho = (dx[1] + 2 * pad_h - dk[0]) / stride + 1, wo = (dx[2] + 2 * pad_w - dk[1]) / stride + 1;
+  if (dy[0] != dx[0] || dy[1] != ho || dy[2] != wo || dy[3] != dk[3])
     return ffi::Error::InvalidArgument("imm_conv2d: output shape does not match input, kernel and padding");
-  const int64_t m = dx[0] * ho * wo, kk = k * k * dx[3], n = dk[3];
+  const int64_t m = dx[0] * ho * wo, kk = dk[0] * dk[1] * dx[3], n = dk[3];
   Problem pr{m, n, kk, Mat{nullptr, 0, 0}, Mat{kernel.typed_data(), n, 1}, nullptr, y->typed_data()};
-  matmul(pool, pr, ConvPatches{x.typed_data(), dx[1], dx[2], dx[3], k, pad, ho, wo});
+  matmul(pool, pr, ConvPatches{x.typed_data(), dx[1], dx[2], dx[3], dk[1], stride, pad_h, pad_w, ho, wo});
   return ffi::Error::Success();
 }
 
@@ -276,5 +279,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(ImmConv2d, Conv2dImpl,
                                   .Ctx<ffi::ThreadPool>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Attr<int64_t>("pad")
+                                  .Attr<int64_t>("stride")
+                                  .Attr<int64_t>("pad_h")
+                                  .Attr<int64_t>("pad_w")
                                   .Ret<ffi::Buffer<ffi::F32>>());

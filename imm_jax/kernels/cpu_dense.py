@@ -1,8 +1,8 @@
-"""Matrix products of linear layers and stride-1 convolutions as XLA:CPU custom calls (cpu_dense.cc).
+"""Matrix products of linear layers and convolutions as XLA:CPU custom calls (cpu_dense.cc).
 
 `matmul`: op(A) @ op(B) [+ bias]; `conv2d`: NHWC x HWIO, the same GEMM on implicit im2col rows. Used by
-`imm_jax.networks.layers.linear` / `layers.conv2d` for float32 on the CPU when a C++ compiler is present
-(built at first use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`),
+`imm_jax.networks.layers.linear` / `layers.conv2d` and the FID Inception's convolutions for float32 on the
+CPU when a C++ compiler is present (built at first use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`),
 they use `jnp.dot` / `lax.conv_general_dilated` as before. docs/PERFORMANCE.md has the measurements.
 """
 from __future__ import annotations
@@ -113,13 +113,21 @@ def matmul(a: jax.Array, b: jax.Array, bias: jax.Array | None = None, *, transpo
     return _folding_vmap(transpose_b, bias is not None)(a, b, bias_arg)
 
 
-def _conv_call(pad: int, x, kernel):
+def _conv_call(stride: int, pad: tuple[int, int], x, kernel):
     if not available():
         raise RuntimeError(f"the CPU dense kernel is unavailable (see the warning above, or {ENV_SWITCH}=0)")
     b, h, w, _ = x.shape
-    k, n = kernel.shape[0], kernel.shape[-1]
-    out = jax.ShapeDtypeStruct((b, h + 2 * pad - k + 1, w + 2 * pad - k + 1, n), jnp.float32)
-    return jax.ffi.ffi_call("imm_conv2d", out)(x, kernel, pad=np.int64(pad))
+    kh, kw, _, n = kernel.shape
+    out = jax.ShapeDtypeStruct((b, (h + 2 * pad[0] - kh) // stride + 1, (w + 2 * pad[1] - kw) // stride + 1, n),
+                               jnp.float32)
+    return jax.ffi.ffi_call("imm_conv2d", out)(x, kernel, stride=np.int64(stride), pad_h=np.int64(pad[0]),
+                                              pad_w=np.int64(pad[1]))
+
+
+def _conv_reference(stride, pad, x, kernel):
+    return jax.lax.conv_general_dilated(x, kernel, (stride, stride), [(pad[0], pad[0]), (pad[1], pad[1])],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"),
+                                        precision=jax.lax.Precision.HIGHEST)
 
 
 def _batch_shardings(mesh, arg_shapes):
@@ -129,9 +137,9 @@ def _batch_shardings(mesh, arg_shapes):
 
 
 @functools.cache
-def _conv(pad: int):
+def _conv(stride: int, pad: tuple[int, int]):
     """The convolution call: per batch shard on a mesh, vmap of x alone folded into the batch."""
-    call = functools.partial(_conv_call, pad)
+    call = functools.partial(_conv_call, stride, pad)
 
     def partition(mesh, arg_shapes, result_shape):
         args, result = _batch_shardings(mesh, arg_shapes)
@@ -148,17 +156,22 @@ def _conv(pad: int):
         if in_batched[0] and not in_batched[1]:
             out = batched(x.reshape(-1, *x.shape[2:]), kernel)
             return out.reshape(axis_size, -1, *out.shape[1:]), True
-        ref = lambda x, kernel: jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
-                                                              dimension_numbers=("NHWC", "HWIO", "NHWC"))
+        ref = functools.partial(_conv_reference, stride, pad)
         return jax.vmap(ref, in_axes=tuple(0 if v else None for v in in_batched))(x, kernel), True
 
     return batched
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
-    """Stride-1 convolution: x (B, H, W, C) NHWC float32, kernel (k, k, C, D) HWIO float32, zero padding `pad`
-    on every side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, D). Partitioned by batch on a mesh."""
-    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[0] != kernel.shape[1] or kernel.shape[2] != x.shape[3]:
-        raise ValueError(f"conv2d takes x (B, H, W, C) and a square HWIO kernel (k, k, C, D), got {x.shape} and "
+def conv2d(x: jax.Array, kernel: jax.Array, pad: int | tuple[int, int], stride: int = 1) -> jax.Array:
+    """Convolution: x (B, H, W, C) NHWC float32, kernel (kh, kw, C, D) HWIO float32, zero padding `pad` (or
+    (pad_h, pad_w)) on both sides, the same stride along H and W -> (B, (H + 2 pad_h - kh) // stride + 1,
+    (W + 2 pad_w - kw) // stride + 1, D). Partitioned by batch on a mesh."""
+    pad = (pad, pad) if isinstance(pad, int) else tuple(pad)
+    if x.ndim != 4 or kernel.ndim != 4 or kernel.shape[2] != x.shape[3]:
+        raise ValueError(f"conv2d takes x (B, H, W, C) and an HWIO kernel (kh, kw, C, D), got {x.shape} and "
                          f"{kernel.shape}")
-    return _conv(int(pad))(x, kernel)
+    if (stride < 1 or min(pad) < 0 or x.shape[1] + 2 * pad[0] < kernel.shape[0]
+            or x.shape[2] + 2 * pad[1] < kernel.shape[1]):
+        raise ValueError(f"conv2d: stride {stride} and padding {pad} do not fit input {x.shape} and kernel "
+                         f"{kernel.shape}")
+    return _conv(int(stride), (int(pad[0]), int(pad[1])))(x, kernel)

@@ -97,7 +97,7 @@ def conv2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
 
 
 def _conv_nhwc(x, kernel, pad):
-    if kernel.shape[0] == kernel.shape[1] and cpu_dense.applies(x, kernel):
+    if cpu_dense.applies(x, kernel):
         return cpu_dense.conv2d(x, kernel, pad)
     return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
                                         dimension_numbers=("NHWC", "HWIO", "NHWC"))
