@@ -1,7 +1,6 @@
 """The CPU attention kernel's plumbing: when it applies, vmap, sharded jit, large logits, the DiT using it, and
-the fallback when it cannot be built. Its values and gradients are checked in test_attention_vjp.py."""
-import logging
-
+the fallback when it cannot be built (test_kernel_build.py). Its values and gradients are checked in
+test_attention_vjp.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,15 +90,3 @@ def test_dit_uses_the_kernel_with_the_same_output():
         reference = apply(params)
     np.testing.assert_allclose(apply(params), reference, rtol=1e-5, atol=1e-5)
 
-
-def test_falls_back_with_a_warning_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("IMM_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING):
-        assert cpu_attention.available.__wrapped__() is False
-    assert "plain-JAX path" in caplog.text
-
-
-def test_switch_turns_it_off(monkeypatch):
-    monkeypatch.setenv(cpu_attention.ENV_SWITCH, "0")
-    assert cpu_attention.available.__wrapped__() is False

@@ -1,8 +1,7 @@
 """The CPU GEMM of the linear and convolution layers (imm_jax/kernels/cpu_dense.cc): values against NumPy for
 every operand layout and block edge, convolutions, vmap, sharded jits, the DiT and UNet using it, and the
-fallbacks. Gradients of layers.linear / layers.conv2d through it are checked in test_layer_vjps.py."""
-import logging
-
+fallbacks (test_kernel_build.py). Gradients of layers.linear / layers.conv2d through it are checked in
+test_layer_vjps.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -190,16 +189,3 @@ def test_unet_uses_the_kernels_with_the_same_output():
         reference = apply(params)
     np.testing.assert_allclose(apply(params), reference, rtol=1e-4, atol=1e-5)
 
-
-def test_falls_back_with_a_warning_when_it_cannot_be_built(monkeypatch, tmp_path, caplog):
-    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    monkeypatch.setenv("IMM_JAX_CACHE_DIR", str(tmp_path / "cache"))
-    with caplog.at_level(logging.WARNING):
-        assert cpu_dense.available.__wrapped__() is False
-    assert "plain-JAX path" in caplog.text
-
-
-@pytest.mark.parametrize("variable", [cpu_dense.ENV_SWITCH, build.ENV_ALL])
-def test_switches_turn_it_off(monkeypatch, variable):
-    monkeypatch.setenv(variable, "0")
-    assert cpu_dense.available.__wrapped__() is False

@@ -61,42 +61,12 @@ void gemm(int64_t m, int64_t n, int64_t k, View a, View b, float* c, int64_t ldc
       }
     }
   }
-  const v8 va = splat8(alpha);
+  const v8 va = splat8(alpha), zero = splat8(0.f);
   for (int64_t jp = 0; jp < n_panels; ++jp) {
-    const float* bpan = bp + jp * kNR * k;
     const int64_t j0 = jp * kNR, width = std::min<int64_t>(kNR, n - j0);
-    for (int64_t ip = 0; ip < m_panels; ++ip) {
-      const float* apan = ap + ip * kMR * k;
-      v8 acc[kMR][2];
-      for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = splat8(0.f);
-      for (int64_t p = 0; p < k; ++p) {
-        const v8 b0 = load8(bpan + p * kNR), b1 = load8(bpan + p * kNR + 8);
-        const float* ar = apan + p * kMR;
-        for (int r = 0; r < kMR; ++r) {
-          const v8 x = splat8(ar[r]);
-          acc[r][0] += x * b0;
-          acc[r][1] += x * b1;
-        }
-      }
-      const int64_t i0 = ip * kMR, height = std::min<int64_t>(kMR, m - i0);
-      for (int r = 0; r < height; ++r) {
-        float* crow = c + (i0 + r) * ldc + j0;
-        if (width == kNR) {
-          v8 lo = acc[r][0] * va, hi = acc[r][1] * va;
-          if (accumulate) {
-            lo += load8(crow);
-            hi += load8(crow + 8);
-          }
-          store8(crow, lo);
-          store8(crow + 8, hi);
-        } else {
-          float tile[kNR];
-          store8(tile, acc[r][0] * va);
-          store8(tile + 8, acc[r][1] * va);
-          for (int64_t j = 0; j < width; ++j) crow[j] = accumulate ? crow[j] + tile[j] : tile[j];
-        }
-      }
-    }
+    for (int64_t ip = 0; ip < m_panels; ++ip)
+      register_tile(ap + ip * kMR * k, bp + jp * kNR * k, k, c + ip * kMR * ldc + j0, ldc,
+                    std::min<int64_t>(kMR, m - ip * kMR), width, va, zero, zero, accumulate);
   }
 }
 

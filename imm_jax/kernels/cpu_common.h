@@ -29,6 +29,45 @@ inline v8 load8(const float* p) {
 inline void store8(float* p, v8 x) { std::memcpy(p, &x, sizeof(x)); }
 inline v8 splat8(float x) { return v8{x, x, x, x, x, x, x, x}; }
 
+// One register tile of C: c (height x width valid of kMR x kNR, row stride ldc) = alpha * apan^T bpan +
+// (bias0, bias1) [+ c when accumulate], apan a packed kMR-row panel (kc x kMR) and bpan a packed kNR-column
+// panel (kc x kNR). Forced inline and unrolled: without that GCC 12 left the accumulators in memory once the
+// tile was shared by both kernels (fc1's product 124 against 185 GFLOP/s).
+__attribute__((always_inline)) inline void register_tile(const float* apan, const float* bpan, int64_t kc,
+                                                         float* c, int64_t ldc, int64_t height, int64_t width,
+                                                         v8 alpha, v8 bias0, v8 bias1, bool accumulate) {
+  v8 acc[kMR][2];
+#pragma GCC unroll 8
+  for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = splat8(0.f);
+  for (int64_t p = 0; p < kc; ++p) {
+    const v8 b0 = load8(bpan + p * kNR), b1 = load8(bpan + p * kNR + 8);
+    const float* ar = apan + p * kMR;
+#pragma GCC unroll 8
+    for (int r = 0; r < kMR; ++r) {
+      const v8 x = splat8(ar[r]);
+      acc[r][0] += x * b0;
+      acc[r][1] += x * b1;
+    }
+  }
+  for (int r = 0; r < height; ++r) {
+    float* crow = c + r * ldc;
+    v8 lo = acc[r][0] * alpha + bias0, hi = acc[r][1] * alpha + bias1;
+    if (width == kNR) {
+      if (accumulate) {
+        lo += load8(crow);
+        hi += load8(crow + 8);
+      }
+      store8(crow, lo);
+      store8(crow + 8, hi);
+    } else {
+      float tile[kNR];
+      store8(tile, lo);
+      store8(tile + 8, hi);
+      for (int64_t j = 0; j < width; ++j) crow[j] = accumulate ? crow[j] + tile[j] : tile[j];
+    }
+  }
+}
+
 // Scratch owned by one worker thread, grown on demand and reused across tasks and calls.
 struct Scratch {
   std::vector<float> a_pack, b_pack, s, ds;

@@ -146,45 +146,15 @@ void run_block(const Problem& pr, const PackRows& pack_rows, const float* bp, in
       const float* bpan = bp + pr.b_offset(kb, jp);
       const int64_t j0 = jp * kNR, width = std::min<int64_t>(kNR, pr.n - j0);
       v8 bias0 = splat8(0.f), bias1 = splat8(0.f);
-      const bool add_bias = kb == last && pr.bias != nullptr;
-      if (add_bias) {
+      if (kb == last && pr.bias != nullptr) {
         float tile[kNR] = {};
         for (int64_t j = 0; j < width; ++j) tile[j] = pr.bias[j0 + j];
         bias0 = load8(tile);
         bias1 = load8(tile + 8);
       }
-      for (int64_t ip = 0; ip < panels; ++ip) {
-        const float* apan = ap + ip * kc * kMR;
-        v8 acc[kMR][2];
-        for (int r = 0; r < kMR; ++r) acc[r][0] = acc[r][1] = splat8(0.f);
-        for (int64_t p = 0; p < kc; ++p) {
-          const v8 b0 = load8(bpan + p * kNR), b1 = load8(bpan + p * kNR + 8);
-          const float* ar = apan + p * kMR;
-          for (int r = 0; r < kMR; ++r) {
-            const v8 x = splat8(ar[r]);
-            acc[r][0] += x * b0;
-            acc[r][1] += x * b1;
-          }
-        }
-        const int64_t height = std::min<int64_t>(kMR, rows - ip * kMR);
-        for (int r = 0; r < height; ++r) {
-          float* crow = pr.c + (i0 + ip * kMR + r) * pr.n + j0;
-          v8 lo = acc[r][0] + bias0, hi = acc[r][1] + bias1;
-          if (width == kNR) {
-            if (kb > 0) {
-              lo += load8(crow);
-              hi += load8(crow + 8);
-            }
-            store8(crow, lo);
-            store8(crow + 8, hi);
-          } else {
-            float tile[kNR];
-            store8(tile, lo);
-            store8(tile + 8, hi);
-            for (int64_t j = 0; j < width; ++j) crow[j] = kb > 0 ? crow[j] + tile[j] : tile[j];
-          }
-        }
-      }
+      for (int64_t ip = 0; ip < panels; ++ip)
+        register_tile(ap + ip * kc * kMR, bpan, kc, pr.c + (i0 + ip * kMR) * pr.n + j0, pr.n,
+                      std::min<int64_t>(kMR, rows - ip * kMR), width, splat8(1.f), bias0, bias1, kb > 0);
     }
   }
 }
