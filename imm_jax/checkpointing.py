@@ -14,7 +14,6 @@ import logging
 import os
 from typing import Any
 
-import jax
 import ml_collections
 import orbax.checkpoint as ocp
 

@@ -12,7 +12,7 @@ import glob
 import os
 import sys
 import time
-from typing import Optional, Sequence
+from typing import Optional
 
 import numpy as np
 
