@@ -1,13 +1,11 @@
-"""The CPU attention kernel's plumbing: when it applies, vmap, sharded jit, large logits, the DiT using it, and
-the fallback when it cannot be built (test_kernel_build.py). Its values and gradients are checked in
-test_attention_vjp.py."""
+"""The CPU attention kernel's plumbing: when it applies, vmap, sharded jit and large logits. The DiT using it and
+the fallback when it cannot be built: test_kernel_build.py; values and gradients: test_attention_vjp.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax import networks
 from imm_jax.kernels import cpu_attention
 from imm_jax.networks import layers
 from test_attention_vjp import numpy_attention
@@ -72,21 +70,3 @@ def test_batch_sharded_jit_runs_per_shard_and_matches_one_device():
     ref_value, ref_grad = jax.value_and_grad(loss)(qkv)
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     np.testing.assert_allclose(grad, ref_grad, rtol=1e-5, atol=1e-7)
-
-
-@needs_kernel
-def test_dit_uses_the_kernel_with_the_same_output():
-    config = networks.dit_config(None, image_size=8, in_channels=1, num_classes=3, patch_size=2, hidden_size=32,
-                                 depth=1, num_heads=2)
-    net = networks.build(config)
-    x = random_qkv((2, 8, 8, 1))
-    t, s, y = jnp.full((2,), 0.7), jnp.full((2,), 0.3), jnp.array([0, 2])
-    params = net.init(jax.random.PRNGKey(0), x, t, s, y)
-    apply = lambda p: net.apply(p, x, t, s, y)
-    assert "imm_attention_forward" in jax.jit(apply).lower(params).as_text()
-    with cpu_attention.switched_off():
-        lowered = jax.jit(lambda p: net.apply(p, x, t, s, y)).lower(params)
-        assert "imm_attention" not in lowered.as_text()
-        reference = apply(params)
-    np.testing.assert_allclose(apply(params), reference, rtol=1e-5, atol=1e-5)
-

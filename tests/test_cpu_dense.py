@@ -1,7 +1,6 @@
 """The CPU GEMM of the linear and convolution layers (imm_jax/kernels/cpu_dense.cc): values against NumPy for
-every operand layout and block edge, convolutions, vmap, sharded jits, the DiT and UNet using it, and the
-fallbacks (test_kernel_build.py). Gradients of layers.linear / layers.conv2d through it are checked in
-test_layer_vjps.py."""
+every operand layout and block edge, convolutions, vmap, sharded jits and the UNet using it. The DiT using it and
+the fallbacks: test_kernel_build.py; gradients of layers.linear / layers.conv2d: test_layer_vjps.py."""
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -91,24 +90,6 @@ def test_row_sharded_jit_runs_per_shard_and_matches_one_device():
     np.testing.assert_allclose(value, ref_value, rtol=1e-5)
     for g, r in zip(grads, ref_grads):
         np.testing.assert_allclose(g, r, rtol=1e-5, atol=1e-6)
-
-
-@needs_kernel
-def test_dit_uses_the_kernel_with_the_same_output():
-    config = networks.dit_config(None, image_size=8, in_channels=1, num_classes=3, patch_size=2, hidden_size=32,
-                                 depth=2, num_heads=2)
-    net = networks.build(config)
-    x = jnp.asarray(normal((2, 8, 8, 1)))
-    t, s, y = jnp.array([0.9, 0.5]), jnp.array([0.1, 0.2]), jnp.array([0, 2])
-    params = net.init(jax.random.PRNGKey(0), x, t, s, y)
-    params = jax.tree.map(lambda p: p + 0.05 * jnp.asarray(normal(p.shape, 4)), params)  # adaLN-Zero is zero
-    apply = lambda p: net.apply(p, x, t, s, y)
-    assert "imm_matmul" in jax.jit(apply).lower(params).as_text()
-    with build.switched_off():
-        lowered = jax.jit(lambda p: net.apply(p, x, t, s, y)).lower(params)
-        assert "imm_matmul" not in lowered.as_text() and "imm_attention" not in lowered.as_text()
-        reference = apply(params)
-    np.testing.assert_allclose(apply(params), reference, rtol=1e-5, atol=1e-5)
 
 
 @needs_kernel
