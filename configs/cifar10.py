@@ -23,7 +23,8 @@ def get_config(arg=None):
         objective="imm", schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0,
         t_min=0.006,
         t_max=0.994, particles=4, k=15, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
-        label_dropout=0.0, dropout_keys="independent", fused=False))
+        label_dropout=0.0, dropout_keys="independent", fused=False,
+        k_end=ml_collections.config_dict.placeholder(int), k_ramp_steps=0))
     c.data = ml_collections.ConfigDict(dict(
         source="tfds", name="cifar10", path="", split="train", batch_size=4096, random_flip=True, seed=0,
         prefetch=2, pad=0, synthetic_size=1024))

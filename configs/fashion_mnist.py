@@ -31,7 +31,8 @@ def get_config(arg=None):
         objective="imm", schedule="fm", f_type="simple_edm", sigma_d=0.5, temb="s", time_scale=1000.0,
         t_min=0.006,
         t_max=0.994, particles=4, k=7, min_gap=0.0, mapping="eta", a=1.0, b=5.0, kernel="laplace",
-        label_dropout=0.1, dropout_keys="independent", fused=False))
+        label_dropout=0.1, dropout_keys="independent", fused=False,
+        k_end=ml_collections.config_dict.placeholder(int), k_ramp_steps=0))
     c.data = ml_collections.ConfigDict(dict(
         source="fashion_mnist", path="", name="", split="train", batch_size=64, random_flip=False,
         seed=0, prefetch=2, pad=2, synthetic_size=1024))

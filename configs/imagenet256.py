@@ -49,7 +49,8 @@ def get_config(arg=None):
         t_min=0.0,
         t_max=0.994, particles=4, k=12, min_gap=1e-4 if (headline or args["dtype"] != "float32") else 0.0,
         mapping="eta", a=float(args["a"]), b=4.0, kernel="laplace", label_dropout=0.1,
-        dropout_keys="independent", fused=False))
+        dropout_keys="independent", fused=False,
+        k_end=ml_collections.config_dict.placeholder(int), k_ramp_steps=0))
     c.data = ml_collections.ConfigDict(dict(
         source="latents", path="", name="", split="train", batch_size=4096, random_flip=False, seed=0,
         prefetch=2, pad=0, synthetic_size=1024))

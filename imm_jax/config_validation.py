@@ -60,6 +60,11 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
         errors.append(f"config.imm needs 0 <= t_min < t_max <= 1 (got t_min={imm.t_min}, t_max={imm.t_max}).")
     if imm.schedule == "cosine" and imm.t_max >= 1.0:
         errors.append("config.imm.t_max must be < 1 for the cosine schedule (eta is infinite at t=1); the paper uses 0.996.")
+    k_end = imm.get("k_end", None)
+    if k_end is not None and (int(k_end) < int(imm.k) or int(imm.get("k_ramp_steps", 0) or 0) < 1):
+        errors.append(f"config.imm.k_end={k_end} schedules k from config.imm.k={imm.k} up to k_end over "
+                      "config.imm.k_ramp_steps steps: it needs k_end >= k and k_ramp_steps >= 1 (got "
+                      f"{imm.get('k_ramp_steps', 0)}); leave k_end unset for a constant k.")
     if not (0.0 <= imm.label_dropout < 1.0):
         errors.append(f"config.imm.label_dropout={imm.label_dropout} must be in [0, 1).")
     if imm.label_dropout > 0 and m.num_classes == 0:

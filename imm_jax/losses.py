@@ -33,6 +33,11 @@ def mapping_delta(*, schedule: str, k: int, t_min: float, t_max: float, kind: st
     logsnr:  (lambda(eps) - lambda(T)) / 2^k     (needs eps > 0)
     inv_eta: (1/eta(eps) - 1/eta(T)) / 2^k       (needs eps > 0)
     """
+    return mapping_span(schedule=schedule, t_min=t_min, t_max=t_max, kind=kind) / 2.0 ** k
+
+
+def mapping_span(*, schedule: str, t_min: float, t_max: float, kind: str = "eta") -> float:
+    """The numerator of `mapping_delta` (delta = span / 2^k), a Python float."""
     f64 = lambda v: float(v)
     if kind == "eta":
         span = f64(interpolants.eta(t_max, schedule)) - f64(interpolants.eta(t_min, schedule))
@@ -49,7 +54,7 @@ def mapping_delta(*, schedule: str, k: int, t_min: float, t_max: float, kind: st
             span = 1.0 / f64(interpolants.eta(t_min, schedule)) - 1.0 / f64(interpolants.eta(t_max, schedule))
     else:
         raise ValueError(f"Unknown mapping kind {kind!r}; expected one of {MAPPINGS}.")
-    return span / 2.0 ** k
+    return span
 
 
 def _eta_step_gap(t, delta: float, schedule: str):
@@ -69,7 +74,8 @@ def mapping_r(s, t, *, schedule: str, k: int, t_min: float, t_max: float, min_ga
 
     Args:
       s, t: arrays of times, s <= t.
-      k: the step is delta = span / 2^k (see `mapping_delta`).
+      k: the step is delta = span / 2^k (see `mapping_delta`); a Python int, or a traced float scalar
+        (a k schedule over training, `IMMObjective.k_at`).
       t_min, t_max: the training time range (eps, T).
       min_gap: the fp16 variant's minimum t - r (1e-4 for the headline XL model).
       kind: "eta" (constant decrement in eta_t), "t", "logsnr" (in lambda_t), "inv_eta" (increment in 1/eta_t).
@@ -78,7 +84,7 @@ def mapping_r(s, t, *, schedule: str, k: int, t_min: float, t_max: float, min_ga
     """
     s = jnp.asarray(s)
     t = jnp.asarray(t)
-    delta = mapping_delta(schedule=schedule, k=k, t_min=t_min, t_max=t_max, kind=kind)
+    delta = mapping_span(schedule=schedule, t_min=t_min, t_max=t_max, kind=kind) / 2.0 ** k
     if kind == "eta":
         gap, base = _eta_step_gap(t, delta, schedule)
         r = t - gap
@@ -122,6 +128,9 @@ class IMMObjective:
       (what a PyTorch module in train() mode does for two calls; our default), "shared" reuses the same key
       so both passes drop the same units (spec §11.6 leaves this open).
     fused: run online and target passes as one network call on the concatenated batch.
+    k_end, k_ramp_steps: a schedule of k over training (coarse r(s, t) first, finer later, as consistency
+      training's discretisation curriculum): k rises by one from `k` to `k_end` in equal stages over the first
+      k_ramp_steps optimizer steps, then stays at k_end. k_end=None (default) keeps k constant.
     null_label: class id of the null token (= num_classes) used by label dropout; None if unconditional.
     """
     param: Parameterization = Parameterization()
@@ -138,6 +147,8 @@ class IMMObjective:
     null_label: Optional[int] = None
     dropout_keys: str = "independent"
     fused: bool = False
+    k_end: Optional[int] = None
+    k_ramp_steps: int = 0
 
     def __post_init__(self):
         if not 0.0 <= self.t_min < self.t_max <= 1.0:
@@ -157,6 +168,9 @@ class IMMObjective:
                              "set dropout_keys='independent' or fused=False.")
         if self.label_dropout > 0 and self.null_label is None:
             raise ValueError("label_dropout > 0 needs a class-conditional model (num_classes > 0).")
+        if self.k_end is not None and (self.k_end < self.k or self.k_ramp_steps < 1):
+            raise ValueError(f"a k schedule needs k_end >= k and k_ramp_steps >= 1 (got k={self.k}, "
+                             f"k_end={self.k_end}, k_ramp_steps={self.k_ramp_steps}); k_end=None keeps k fixed.")
         # Fails early with the config's own message if the mapping is ill-defined.
         mapping_delta(schedule=self.param.schedule, k=self.k, t_min=self.t_min, t_max=self.t_max,
                       kind=self.mapping)
@@ -171,10 +185,21 @@ class IMMObjective:
                    mapping=imm.mapping, a=float(imm.a), b=float(imm.b), kernel=imm.kernel,
                    label_dropout=float(imm.label_dropout),
                    null_label=int(num_classes) if num_classes else None,
-                   dropout_keys=imm.dropout_keys, fused=bool(imm.fused))
+                   dropout_keys=imm.dropout_keys, fused=bool(imm.fused),
+                   k_end=None if imm.get("k_end", None) is None else int(imm.k_end),
+                   k_ramp_steps=int(imm.get("k_ramp_steps", 0) or 0))
 
-    def r(self, s, t):
-        return mapping_r(s, t, schedule=self.param.schedule, k=self.k, t_min=self.t_min,
+    def k_at(self, step=None):
+        """k at optimizer step `step` (a traced int or None): self.k without a schedule (a Python int), else
+        k + floor(stage) as a float32 scalar, stages of k_ramp_steps / (k_end - k + 1) steps each."""
+        if self.k_end is None or step is None:
+            return self.k
+        stages = self.k_end - self.k + 1
+        stage = jnp.floor(jnp.asarray(step, jnp.float32) * stages / self.k_ramp_steps)
+        return self.k + jnp.clip(stage, 0.0, stages - 1.0)
+
+    def r(self, s, t, step=None):
+        return mapping_r(s, t, schedule=self.param.schedule, k=self.k_at(step), t_min=self.t_min,
                          t_max=self.t_max, min_gap=self.min_gap, kind=self.mapping)
 
     def weight(self, t):
@@ -185,13 +210,14 @@ class IMMObjective:
         return 1.0 / jnp.maximum(jnp.abs(self.param.c_out(s, t)), 1e-12)
 
 
-def sample_times(key, num_groups: int, objective: IMMObjective):
-    """(s, r, t), each (G,) float32: t ~ U(t_min, t_max), s ~ U(t_min, t), r = r(s, t)."""
+def sample_times(key, num_groups: int, objective: IMMObjective, step=None):
+    """(s, r, t), each (G,) float32: t ~ U(t_min, t_max), s ~ U(t_min, t), r = r(s, t) (at `step` if k is
+    scheduled)."""
     k_t, k_s = jax.random.split(key)
     lo, hi = objective.t_min, objective.t_max
     t = jax.random.uniform(k_t, (num_groups,), jnp.float32, lo, hi)
     s = lo + jax.random.uniform(k_s, (num_groups,), jnp.float32) * (t - lo)
-    return s, objective.r(s, t), t
+    return s, objective.r(s, t, step), t
 
 
 def network_fn(net, params, *, train: bool, dropout_key=None):
@@ -220,7 +246,7 @@ def _time_bin_metrics(per_group, t, objective: IMMObjective):
     return {f"loss_t{i}": means[i] for i in range(NUM_TIME_BINS)}
 
 
-def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True):
+def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None):
     """The IMM loss on one batch (spec §3.6).
 
     Args:
@@ -229,6 +255,7 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
       x: (B, H, W, C) float data in model space; B divisible by objective.particles.
       labels: (B,) int32 class ids, or None for unconditional models.
       key: PRNG key for this step.
+      step: the optimizer step (traced int), used only by a k schedule (objective.k_end).
     Returns:
       (loss, metrics): loss a float32 scalar; metrics a dict of float32 scalars (loss, mean w(t),
       mean kernel values k_tt / k_rr / k_tr, per-time-bin weighted loss loss_t0..loss_t3 (bins of equal width over [t_min, t_max]; 0 when empty),
@@ -240,7 +267,7 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
         raise ValueError(f"batch size {batch} is not divisible by the number of particles M={m}.")
     g = batch // m
     k_time, k_eps, k_label, k_drop_a, k_drop_b = jax.random.split(key, 5)
-    s, r, t = sample_times(k_time, g, objective)
+    s, r, t = sample_times(k_time, g, objective, step)
     rep = lambda v: jnp.repeat(v, m)
     ss, rr, tt = rep(s), rep(r), rep(t)
 
@@ -278,18 +305,19 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
         "k_tr": jnp.mean(k_tr),
         "gap_t_r": jnp.mean(t - r),
         "base_case_frac": jnp.mean((r <= s).astype(jnp.float32)),
+        "k": jnp.asarray(objective.k_at(step), jnp.float32),
         **_time_bin_metrics(per_group, t, objective),
     }
     return loss, metrics
 
 
-def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True):
+def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None):
     """Flow-matching baseline on the same networks and data (conditional OT-FM, "objective = fm").
 
     t ~ U(t_min, t_max) per sample, x_t = (1 - t) x + t eps with eps ~ N(0, sigma_d^2 I), and
     loss = mean ||v(x_t, t) - (eps - x)||^2 / sigma_d^2 with v from `Parameterization.velocity`
     (the network's second time input is c_noise(s = t)). Label dropout as in `imm_loss`.
-    Returns (loss, metrics) like `imm_loss`; metrics holds loss and per-time-bin loss.
+    Returns (loss, metrics) like `imm_loss`; metrics holds loss and per-time-bin loss (step is unused).
     """
     param = objective.param
     k_time, k_eps, k_label, k_drop = jax.random.split(key, 4)

@@ -48,15 +48,15 @@ def build_objective(config):
 
 
 def make_loss_fn(config, net, objective) -> Callable:
-    """loss_fn(params, batch, key) -> (scalar loss, metrics dict); batch = dict(image, label)."""
+    """loss_fn(params, batch, key, step=None) -> (scalar loss, metrics dict); batch = dict(image, label)."""
     from imm_jax import losses
     conditional = int(config.model.num_classes) > 0
 
     loss = losses.OBJECTIVES[losses.objective_name(config)]
 
-    def loss_fn(params, batch, key):
+    def loss_fn(params, batch, key, step=None):
         labels = batch["label"] if conditional else None
-        return loss(net, params, batch["image"], labels, key, objective=objective, train=True)
+        return loss(net, params, batch["image"], labels, key, objective=objective, train=True, step=step)
     return loss_fn
 
 
@@ -87,7 +87,7 @@ def make_train_step(loss_fn, tx, schedule, ema_decays: Sequence[float]):
             raise RetraceError("The train step is being traced a second time (shapes, dtypes or shardings of the "
                                "state or batch changed); this would recompile every step.")
         key = jax.random.fold_in(state.rng, state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key, state.step)
         grad_norm = optax.global_norm(grads)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

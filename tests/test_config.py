@@ -90,6 +90,12 @@ def test_validation_messages():
     c = load("tiny")
     del c.optim["lr"]
     _expect(c, "config.optim.lr is missing")
+    c = load("tiny")
+    c.imm.k_end = 10  # no ramp length
+    _expect(c, "it needs k_end >= k and k_ramp_steps >= 1")
+    c = load("tiny")
+    c.imm.k_end, c.imm.k_ramp_steps = 8, 100  # below k = 12
+    _expect(c, "it needs k_end >= k and k_ramp_steps >= 1")
 
 
 def test_validation_collects_all_errors():

@@ -252,3 +252,39 @@ def test_fm_loss_matches_manual_and_has_gradient():
     np.testing.assert_allclose(float(loss), ref, rtol=1e-4)
     grads = jax.grad(lambda p: losses.fm_loss(net, p, x, labels, key, objective=obj)[0])(params)
     assert all(np.all(np.isfinite(np.asarray(g))) for g in jax.tree.leaves(grads))
+
+
+def test_k_schedule_stages():
+    """k rises by one per stage of k_ramp_steps / (k_end - k + 1) steps, then stays at k_end."""
+    obj = IMMObjective(k=7, k_end=10, k_ramp_steps=400)
+    steps = [0, 99, 100, 199, 200, 299, 300, 399, 400, 10_000]
+    got = [float(obj.k_at(jnp.asarray(i))) for i in steps]
+    assert got == [7, 7, 8, 8, 9, 9, 10, 10, 10, 10]
+    assert obj.k_at(None) == 7 and IMMObjective(k=7).k_at(jnp.asarray(500)) == 7
+    with pytest.raises(ValueError, match="k_end >= k"):
+        IMMObjective(k=7, k_end=6, k_ramp_steps=10)
+
+
+def test_k_schedule_loss_equals_constant_k_of_its_stage():
+    """Under a schedule, the loss at a step is the loss of the constant-k objective of that stage (same key),
+    and r(s, t) with a traced k equals r with the Python int; the mapping is delta = span / 2^k (spec §3.5)."""
+    sched, net, params, x, _ = make({"k": 6, "k_end": 9, "k_ramp_steps": 40})
+    key = jax.random.key(11)
+    for step, k in ((0, 6), (15, 7), (25, 8), (39, 9), (1000, 9)):
+        const = IMMObjective(param=sched.param, t_min=0.006, t_max=0.994, particles=4, k=k)
+        l_s, m_s = jax.jit(lambda p, st: losses.imm_loss(net, p, x, None, key, objective=sched, step=st))(
+            params, jnp.asarray(step))
+        l_c, m_c = jax.jit(lambda p: losses.imm_loss(net, p, x, None, key, objective=const))(params)
+        np.testing.assert_allclose(float(l_s), float(l_c), rtol=1e-6)
+        assert float(m_s["k"]) == k and float(m_c["k"]) == k
+    s = jnp.asarray(RNG.uniform(0.006, 0.3, 32), jnp.float32)
+    t = jnp.asarray(RNG.uniform(0.3, 0.994, 32), jnp.float32)
+    np.testing.assert_array_equal(
+        losses.mapping_r(s, t, schedule="fm", k=jnp.float32(9.0), t_min=0.006, t_max=0.994),
+        losses.mapping_r(s, t, schedule="fm", k=9, t_min=0.006, t_max=0.994))
+    # the eta step is (eta(T) - eta(eps)) / 2^k: check it against the closed form of spec §3.5
+    delta = (0.994 / 0.006 - 0.006 / 0.994) / 2 ** 9
+    r_ref = np.maximum((np.float64(t) - delta * (1 - np.float64(t))) / (1 - delta * (1 - np.float64(t))),
+                       np.float64(s))
+    np.testing.assert_allclose(losses.mapping_r(s, t, schedule="fm", k=jnp.float32(9.0), t_min=0.006,
+                                                t_max=0.994), r_ref, rtol=2e-6, atol=1e-6)

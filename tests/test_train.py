@@ -234,3 +234,14 @@ def test_tensorboard_records_are_valid(tmp_path):
         off += 16 + n
     assert len(records) == 2 and b"brain.Event:2" in records[0]
     assert b"loss" in records[1] and struct.pack("<f", 0.25) in records[1]
+
+
+def test_k_schedule_follows_the_optimizer_step(tmp_path):
+    """With config.imm.k_end the logged k rises with the step (stages of k_ramp_steps / 2 steps here)."""
+    c = tiny(log_every=1)
+    c.imm.k, c.imm.k_end, c.imm.k_ramp_steps = 4, 5, 4
+    train.train_and_evaluate(c, str(tmp_path))
+    with open(os.path.join(tmp_path, "metrics.jsonl")) as f:
+        ks = {r["step"]: r["k"] for r in map(json.loads, f) if "k" in r}
+    # the metrics of step n come from the update at state.step = n - 1
+    assert ks == {1: 4.0, 2: 4.0, 3: 5.0, 4: 5.0, 5: 5.0, 6: 5.0}
