@@ -33,7 +33,7 @@ DEFECTS = {
         ("kernel_weight=objective.kernel_weight(s, t)", "kernel_weight=jnp.ones_like(s)"),
     ]),
     "r_equals_t": ("losses.py", [  # no inductive step: the target is the online map itself
-        ("return s, objective.r(s, t), t", "return s, t, t"),
+        ("return s, objective.r(s, t, step), t", "return s, t, t"),
     ]),
     "fresh_noise_x_r": ("losses.py", [  # x_r built from a second noise draw instead of x_t's eps
         ("x_r = interpolants.add_noise(x, eps, rr,",

@@ -63,13 +63,14 @@ class Sampler:
     """
 
     def __init__(self, config, params, *, ema: str = "", vae_path: Optional[str] = None, devices=None,
-                 tuned=None):
+                 tuned=None, backend: Optional[str] = None):
         self.config = config
         self.ema = ema
-        self.net = networks.build(config.model)
+        self.devices = list(devices or jax.local_devices())
+        # the layers' execution path: the devices' own unless given (an export for another platform)
+        self.net = networks.build(config.model, backend=backend, devices=self.devices)
         self.objective = IMMObjective.from_config(config.imm, num_classes=config.model.num_classes)
         self.num_classes = int(config.model.num_classes)
-        self.devices = list(devices or jax.local_devices())
         mesh = Mesh(np.asarray(self.devices), ("data",))
         self._replicated = NamedSharding(mesh, P())
         self._batch_sharding = NamedSharding(mesh, P("data"))

@@ -10,7 +10,9 @@ Figures: docs/PERFORMANCE.md. The price is that the process keeps its peak heap 
 until it exits, which is what a training, sampling or evaluation process wants.
 
 Called by the command-line entry points (`imm_jax.main`, `python -m imm_jax.evaluation`,
-`python -m imm_jax.tuning`, bench/); library imports never change the allocator. Opt out with the
+`python -m imm_jax.tuning`, bench/); library imports never change the allocator. It applies only to
+CPU-only processes (JAX's default backend is the CPU): TPU/GPU hosts keep glibc's defaults. Call it after
+`jax.distributed.initialize()` where that is used (it initialises JAX's backends). Opt out with the
 environment variable IMM_JAX_KEEP_FREED_MEMORY=0. Other allocators (jemalloc, tcmalloc via LD_PRELOAD)
 and non-glibc systems are left alone.
 """
@@ -41,6 +43,9 @@ def keep_freed_memory() -> bool:
     if os.environ.get(ENV, "1").strip().lower() in ("0", "false", "no", "off"):
         return False
     if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc" or "LD_PRELOAD" in os.environ:
+        return False
+    import jax
+    if jax.default_backend() != "cpu":  # an accelerator host: its allocator is not this module's concern
         return False
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")

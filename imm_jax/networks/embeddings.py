@@ -148,11 +148,12 @@ def check_cond_override(cond_override, num_layers: int, batch: int, width: int, 
     return jnp.broadcast_to(e.astype(jnp.float32), (num_layers, batch, width))
 
 
-def silu_materialised(c: jax.Array) -> jax.Array:
+def silu_materialised(c: jax.Array, backend: str = "plain") -> jax.Array:
     """SiLU of a materialised conditioning vector (the shared one, or one layer's own).
 
-    XLA:CPU evaluates exp/divide with approximations whose last bits depend on how the surrounding
-    elementwise ops are fused; the barrier gives this SiLU the same fusion on the default path and on the
-    per-layer (`cond_override` / `cond_offset`) path, so equal inputs give bit-equal outputs.
+    On the "cpu" path an optimisation barrier comes first: XLA:CPU evaluates exp/divide with approximations
+    whose last bits depend on how the surrounding elementwise ops are fused, and the barrier gives this SiLU
+    the same fusion on the default path and on the per-layer (`cond_override` / `cond_offset`) path, so
+    equal inputs give bit-equal outputs there. Other backends fuse freely.
     """
-    return nn.silu(jax.lax.optimization_barrier(c))
+    return nn.silu(jax.lax.optimization_barrier(c) if backend == "cpu" else c)

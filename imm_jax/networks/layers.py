@@ -1,8 +1,18 @@
-"""Small building blocks shared by the backbones: dtype parsing, float32 norms, token linears, attention."""
+"""Small building blocks shared by the backbones: dtype parsing, float32 norms, token linears, attention.
+
+Linear layers, convolutions and attention run on one of three execution paths, a static `backend` argument
+(a field of the networks, so part of every traced program and its compilation cache key):
+  "plain"  plain JAX: XLA's own autodiff for dense layers and convolutions, `jax.nn.dot_product_attention`
+           (XLA implementation). TPU, and every program exported for another platform.
+  "gpu"    as "plain", with cuDNN's fused attention where dtype (bfloat16/float16) and head size allow.
+  "cpu"    the XLA:CPU backend: the C++ kernels of `imm_jax.kernels` where available, and backward passes
+           written for XLA:CPU (same values up to rounding).
+`backend_for(devices)` picks the path for the devices a computation is placed on.
+"""
 from __future__ import annotations
 
 import functools
-from typing import Any, Callable
+from typing import Any, Callable, Optional, Sequence
 
 import flax.linen as nn
 import jax
@@ -11,6 +21,33 @@ import jax.numpy as jnp
 from imm_jax.kernels import cpu_attention, cpu_dense
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+BACKENDS = ("plain", "gpu", "cpu")
+# jax.export platform names and device platforms -> backend. An exported program must not contain CPU custom
+# calls, and cuDNN attention checks for a GPU while tracing, so exports for "cuda"/"rocm" use the plain path.
+_EXPORT_BACKENDS = {"cpu": "cpu", "tpu": "plain", "cuda": "plain", "rocm": "plain"}
+
+
+def backend_for(devices: Optional[Sequence[Any]] = None) -> str:
+    """The execution path for computations placed on `devices` (default: jax.devices()):
+    "cpu" when all are CPU devices, "gpu" when all are GPUs, else "plain"."""
+    platforms = {d.platform for d in (jax.devices() if devices is None else devices)}
+    if platforms == {"cpu"}:
+        return "cpu"
+    if platforms and platforms <= {"gpu", "cuda", "rocm"}:
+        return "gpu"
+    return "plain"
+
+
+def backend_for_export(platforms: Sequence[str]) -> str:
+    """The execution path of a program exported with `jax.export(..., platforms=platforms)`."""
+    paths = {_EXPORT_BACKENDS.get(p, "plain") for p in platforms}
+    return "cpu" if paths == {"cpu"} else "plain"
+
+
+def check_backend(backend: str) -> str:
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    return backend
 
 
 def compute_dtype(name: str):
@@ -39,9 +76,15 @@ def group_norm(x: jax.Array, scale: jax.Array, bias: jax.Array, num_groups: int,
     return xg.reshape(n, h, w, c) * scale.astype(jnp.float32) + bias.astype(jnp.float32)
 
 
+def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array, backend: str = "plain") -> jax.Array:
+    """x (..., K) @ kernel (K, D) + bias (D,) -> (..., D), all in one dtype, on the `backend` path."""
+    if backend == "cpu":
+        return _linear_cpu(x, kernel, bias)
+    return jnp.dot(x, kernel) + bias
+
+
 @jax.custom_vjp
-def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
-    """x (..., K) @ kernel (K, D) + bias (D,) -> (..., D), all in one dtype."""
+def _linear_cpu(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
     if cpu_dense.applies(x, kernel, bias):
         out = cpu_dense.matmul(x.reshape(-1, x.shape[-1]), kernel, bias)
         return out.reshape(*x.shape[:-1], kernel.shape[-1])
@@ -49,7 +92,7 @@ def linear(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
 
 
 def _linear_fwd(x, kernel, bias):
-    return linear(x, kernel, bias), (x, kernel)
+    return _linear_cpu(x, kernel, bias), (x, kernel)
 
 
 def _linear_bwd(res, dy):
@@ -69,17 +112,18 @@ def _linear_bwd(res, dy):
     return dx, d_kernel, jnp.sum(dy2, axis=0, dtype=jnp.float32).astype(dy.dtype)
 
 
-linear.defvjp(_linear_fwd, _linear_bwd)
+_linear_cpu.defvjp(_linear_fwd, _linear_bwd)
 
 
 class Dense(nn.Module):
     """Linear layer over the last axis with float32 params `kernel` (K, D) and `bias` (D,).
 
     Same params, initialisation and values as `flax.linen.Dense(features, dtype=dtype)`; computes in
-    `dtype` and differentiates through `linear` (reverse mode only; no `jax.jvp`).
+    `dtype` through `linear` on the `backend` path (on "cpu" reverse mode only; no `jax.jvp`).
     """
     features: int
     dtype: Any = jnp.float32
+    backend: str = "plain"
     kernel_init: Callable = nn.initializers.lecun_normal()
     bias_init: Callable = nn.initializers.zeros
 
@@ -87,20 +131,26 @@ class Dense(nn.Module):
     def __call__(self, x: jax.Array) -> jax.Array:
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features), jnp.float32)
         bias = self.param("bias", self.bias_init, (self.features,), jnp.float32)
-        return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype))
+        return linear(x.astype(self.dtype), kernel.astype(self.dtype), bias.astype(self.dtype), self.backend)
 
 
-def conv2d(x: jax.Array, kernel: jax.Array, pad: int) -> jax.Array:
+def conv2d(x: jax.Array, kernel: jax.Array, pad: int, backend: str = "plain") -> jax.Array:
     """Stride-1 2-D convolution, NHWC x (B, H, W, Cin) with HWIO kernel (k, k, Cin, Cout), zero padding
     `pad` on each side -> (B, H + 2 pad - k + 1, W + 2 pad - k + 1, Cout), in x's dtype."""
-    return _conv2d(pad, x, kernel)
+    if backend == "cpu":
+        return _conv2d(pad, x, kernel)
+    return _xla_conv(x, kernel, pad)
+
+
+def _xla_conv(x, kernel, pad):
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
+                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
 
 
 def _conv_nhwc(x, kernel, pad):
     if cpu_dense.applies(x, kernel):
         return cpu_dense.conv2d(x, kernel, pad)
-    return jax.lax.conv_general_dilated(x, kernel, (1, 1), [(pad, pad), (pad, pad)],
-                                        dimension_numbers=("NHWC", "HWIO", "NHWC"))
+    return _xla_conv(x, kernel, pad)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
@@ -131,18 +181,32 @@ def _conv2d_bwd(pad, res, dy):
 _conv2d.defvjp(_conv2d_fwd, _conv2d_bwd)
 
 
-def attention(qkv: jax.Array) -> jax.Array:
+def attention(qkv: jax.Array, backend: str = "plain") -> jax.Array:
     """Multi-head softmax attention with float32 logits and softmax.
 
     qkv: (B, N, 3, heads, head_dim) in the trunk dtype, q/k/v stacked on axis 2 (the fused projection's
     output, reshaped). Returns (B, N, heads, head_dim) in the trunk dtype.
     """
+    if backend != "cpu":
+        q, k, v = (qkv[:, :, i] for i in range(3))
+        return jax.nn.dot_product_attention(q, k, v, implementation=attention_implementation(qkv, backend))
     if cpu_attention.applies(qkv):
         return cpu_attention.attention(qkv)
     # Heads-major einsums: measured ~1.5x faster forward on XLA:CPU (DiT-S/2) than contracting in
     # (B, N, heads, d) layout directly, and on par with jax.nn.dot_product_attention's backward.
     q, k, v = (qkv[:, :, i].transpose(0, 2, 1, 3) for i in range(3))
     return _attention_core(q, k, v).transpose(0, 2, 1, 3)
+
+
+def attention_implementation(qkv: jax.Array, backend: str) -> Optional[str]:
+    """`jax.nn.dot_product_attention`'s implementation for this input: "cudnn" on the "gpu" path for
+    bfloat16/float16 with a head size cuDNN's fused kernel takes (a multiple of 8, at most 128), else None
+    (XLA's, which keeps logits and softmax in float32)."""
+    head_dim = qkv.shape[-1]
+    if (backend == "gpu" and qkv.dtype in (jnp.bfloat16, jnp.float16)
+            and head_dim % 8 == 0 and head_dim <= 128):
+        return "cudnn"
+    return None
 
 
 def _attention_fwd(q, k, v):

@@ -28,6 +28,8 @@ per-block affine, and the attention softmax in float32.
 """
 from __future__ import annotations
 
+import functools
+
 import math
 from typing import Any, Sequence
 
@@ -146,6 +148,7 @@ class Conv2d(nn.Module):
     resample_filter: Sequence[int] = (1, 1)
     fused_down: bool = False
     init_scale: float = 1.0
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array) -> jax.Array:
@@ -172,12 +175,10 @@ class Conv2d(nn.Module):
             x = downsample(x, self.resample_filter)
         return self._conv(x, w, k // 2) + b
 
-    @staticmethod
-    def _conv(x, w, pad):
-        # Hand-written backwards (imm_jax.networks.layers): XLA:CPU's own are the slow paths.
+    def _conv(self, x, w, pad):
         if w.shape[0] == 1 and pad == 0:
-            return layers.linear(x, w[0, 0], jnp.zeros(w.shape[-1:], w.dtype))
-        return layers.conv2d(x, w, pad)
+            return layers.linear(x, w[0, 0], jnp.zeros(w.shape[-1:], w.dtype), self.backend)
+        return layers.conv2d(x, w, pad, self.backend)
 
 
 class GroupNorm(nn.Module):
@@ -206,31 +207,33 @@ class UNetBlock(nn.Module):
     resample_filter: Sequence[int] = (1, 1)
     init_zero_scale: float = 1e-5
     init_attn_scale: float = 1.0
+    backend: str = "plain"
 
     @nn.compact
     def __call__(self, x: jax.Array, emb: jax.Array, train: bool) -> jax.Array:
         cout, dt = self.out_channels, self.dtype
+        Conv2d_ = functools.partial(Conv2d, backend=self.backend)  # noqa: N806
         orig = x
         h = nn.silu(GroupNorm(self.eps, name="norm0")(x))
-        h = Conv2d(cout, 3, dt, up=self.up, down=self.down, resample_filter=self.resample_filter,
-                   name="conv0")(h)
+        h = Conv2d_(cout, 3, dt, up=self.up, down=self.down, resample_filter=self.resample_filter,
+                    name="conv0")(h)
         shift = embeddings.dense32(cout, "affine")(emb)
         h = nn.silu(GroupNorm(self.eps, name="norm1")(h.astype(jnp.float32) + shift[:, None, None, :]))
         h = nn.Dropout(self.dropout, deterministic=not train)(h.astype(dt))
-        h = Conv2d(cout, 3, dt, init_scale=self.init_zero_scale, name="conv1")(h)
+        h = Conv2d_(cout, 3, dt, init_scale=self.init_zero_scale, name="conv1")(h)
         if cout != x.shape[-1] or self.up or self.down:
-            orig = Conv2d(cout, 1, dt, up=self.up, down=self.down, resample_filter=self.resample_filter,
-                          name="skip")(orig)
+            orig = Conv2d_(cout, 1, dt, up=self.up, down=self.down, resample_filter=self.resample_filter,
+                           name="skip")(orig)
         x = (h + orig.astype(dt)) * self.skip_scale
 
         if self.attention:
             n, hh, ww, c = x.shape
             heads = self.num_heads
-            qkv = Conv2d(3 * c, 1, dt, init_scale=self.init_attn_scale, name="qkv")(
+            qkv = Conv2d_(3 * c, 1, dt, init_scale=self.init_attn_scale, name="qkv")(
                 GroupNorm(self.eps, name="norm2")(x))
             qkv = qkv.reshape(n, hh * ww, 3, heads, c // heads)
-            a = layers.attention(qkv).reshape(n, hh, ww, c)
-            a = Conv2d(c, 1, dt, init_scale=self.init_zero_scale, name="proj")(a)
+            a = layers.attention(qkv, self.backend).reshape(n, hh, ww, c)
+            a = Conv2d_(c, 1, dt, init_scale=self.init_zero_scale, name="proj")(a)
             x = (a + x) * self.skip_scale
         return x
 
@@ -261,6 +264,7 @@ class SongUNet(nn.Module):
     s_embed: bool
     remat: bool
     dtype: str
+    backend: str = "plain"  # execution path of the layers (imm_jax.networks.layers)
 
     def _noise_embedding(self, t: jax.Array, seed_offset: int) -> jax.Array:
         width = self.model_channels * self.channel_mult_noise
@@ -294,7 +298,9 @@ class SongUNet(nn.Module):
             raise ValueError(f"UNet expects NHWC input (B, {self.image_size}, {self.image_size}, "
                              f"{self.in_channels}) from model.image_size/in_channels, got {x.shape}")
         labels = embeddings.check_labels(labels, self.num_classes, b, "UNet")
+        layers.check_backend(self.backend)
         dt = layers.compute_dtype(self.dtype)
+        Conv2d_ = functools.partial(Conv2d, backend=self.backend)  # noqa: N806
         emb_ch = self.model_channels * self.channel_mult_emb
         mc = self.model_channels
 
@@ -316,7 +322,7 @@ class SongUNet(nn.Module):
             if cond_offset is not None:
                 overrides = emb[None] + embeddings.check_cond_override(cond_offset, self.num_cond_layers, b,
                                                                        emb_ch, "UNet")
-            emb = embeddings.silu_materialised(emb)
+            emb = embeddings.silu_materialised(emb, self.backend)
         else:
             if self.num_classes:
                 raise ValueError("UNet: cond_override is supported for unconditional models only "
@@ -328,11 +334,13 @@ class SongUNet(nn.Module):
 
         def emb_next():  # the embedding the next UNetBlock (in call order) reads
             layer[0] += 1
-            return emb if overrides is None else embeddings.silu_materialised(overrides[layer[0] - 1])
+            return emb if overrides is None else embeddings.silu_materialised(overrides[layer[0] - 1],
+                                                                              self.backend)
 
         block = dict(dtype=dt, num_heads=self.num_heads, dropout=self.dropout, skip_scale=self.skip_scale,
                      eps=self.norm_eps, resample_filter=tuple(self.resample_filter),
-                     init_zero_scale=self.init_zero_scale, init_attn_scale=self.init_attn_scale)
+                     init_zero_scale=self.init_zero_scale, init_attn_scale=self.init_attn_scale,
+                     backend=self.backend)
         rf = tuple(self.resample_filter)
         # static_argnums counts `self` as 0: (x, emb, train) -> train is 3.
         UNetBlock_ = nn.remat(UNetBlock, static_argnums=(3,)) if self.remat else UNetBlock  # noqa: N806
@@ -347,16 +355,16 @@ class SongUNet(nn.Module):
             tag = f"enc_{res}x{res}"
             if level == 0:
                 cout = mc
-                hcur = Conv2d(cout, 3, dt, name=f"{tag}_conv")(hcur)
+                hcur = Conv2d_(cout, 3, dt, name=f"{tag}_conv")(hcur)
                 skips.append(hcur)
             else:
                 hcur = UNetBlock_(cout, down=True, name=f"{tag}_down", **block)(hcur, emb_next(), train)
                 skips.append(hcur)
                 if self.encoder_type == "skip":
-                    aux = Conv2d(0, 0, dt, down=True, resample_filter=rf, name=f"{tag}_aux_down")(aux)
-                    hcur = skips[-1] = hcur + Conv2d(cout, 1, dt, name=f"{tag}_aux_skip")(aux)
+                    aux = Conv2d_(0, 0, dt, down=True, resample_filter=rf, name=f"{tag}_aux_down")(aux)
+                    hcur = skips[-1] = hcur + Conv2d_(cout, 1, dt, name=f"{tag}_aux_skip")(aux)
                 elif self.encoder_type == "residual":
-                    res_out = Conv2d(cout, 3, dt, down=True, resample_filter=rf, fused_down=True,
+                    res_out = Conv2d_(cout, 3, dt, down=True, resample_filter=rf, fused_down=True,
                                      name=f"{tag}_aux_residual")(aux)
                     hcur = skips[-1] = aux = (hcur + res_out) / math.sqrt(2.0)
             for idx in range(self.num_blocks):
@@ -384,21 +392,22 @@ class SongUNet(nn.Module):
                 hcur = UNetBlock_(cout, attention=attn, name=f"{tag}_block{idx}", **block)(hcur, emb_next(), train)
             if self.decoder_type == "skip" or level == 0:
                 if self.decoder_type == "skip" and level < levels - 1:
-                    aux = Conv2d(0, 0, dt, up=True, resample_filter=rf, name=f"{tag}_aux_up")(aux)
+                    aux = Conv2d_(0, 0, dt, up=True, resample_filter=rf, name=f"{tag}_aux_up")(aux)
                 tmp = nn.silu(GroupNorm(1e-6, name=f"{tag}_aux_norm")(hcur))
-                tmp = Conv2d(self.in_channels, 3, dt, init_scale=self.init_zero_scale,
+                tmp = Conv2d_(self.in_channels, 3, dt, init_scale=self.init_zero_scale,
                              name=f"{tag}_aux_conv")(tmp)
                 aux = tmp if aux is None else tmp + aux
         assert layer[0] == self.num_cond_layers, (layer[0], self.num_cond_layers)
         return aux.astype(jnp.float32)
 
 
-def build(model_config) -> SongUNet:
-    """SongUNet from a `unet_config()`-style ConfigDict."""
+def build(model_config, backend: str = "plain") -> SongUNet:
+    """SongUNet from a `unet_config()`-style ConfigDict, on the `backend` execution path."""
     check_config(model_config)
     kw = {k: model_config[k] for k in DEFAULTS}
     kw["channel_mult"] = tuple(kw["channel_mult"])
     kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
     kw["resample_filter"] = tuple(kw["resample_filter"])
     return SongUNet(image_size=int(model_config.image_size), in_channels=int(model_config.in_channels),
-                    num_classes=int(model_config.num_classes), dtype=str(model_config.dtype), **kw)
+                    num_classes=int(model_config.num_classes), dtype=str(model_config.dtype),
+                    backend=backend, **kw)
