@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax import networks, sampling
+from imm_jax import networks, sampling, tuned_vectors
 from imm_jax.losses import IMMObjective, objective_name
 
 # The paper's sampler settings (spec §5, §7): CIFAR-10 unconditional, ImageNet-256 uniform grids, CFG 1.5.
@@ -80,7 +80,7 @@ class Sampler:
         self.num_compiles = 0
         self._vae = None
         self._vae_path = vae_path
-        # Tuned time embeddings (imm_jax.tuning.TunedVectors), used for the matching sampler and grid.
+        # Tuned time embeddings (imm_jax.tuned_vectors.TunedVectors), used for the matching sampler and grid.
         self.tuned = list(tuned or [])
 
     @classmethod
@@ -114,11 +114,10 @@ class Sampler:
                   sampler: Optional[str] = None):
         """The loaded TunedVectors for this sampler and grid; ValueError if none matches."""
         sampler = self.check_sampler(sampler)
-        from imm_jax import tuning
         if not self.tuned:
             raise ValueError("no tuned time embeddings are loaded: use imm_jax.load(checkpoint, tuned=True) "
                              "(sets saved beside the checkpoint by python -m imm_jax.tuning).")
-        return tuning.select(self.tuned, sampler, self.time_grid(steps, grid, mid_etas))
+        return tuned_vectors.select(self.tuned, sampler, self.time_grid(steps, grid, mid_etas))
 
     def check_sampler(self, sampler: Optional[str]) -> str:
         """`sampler`, or the config's sample.sampler when None; ValueError if it does not fit the objective."""
@@ -267,15 +266,14 @@ def _load_tuned(tuned, checkpoint: str, step: Optional[int]) -> list:
     list of them -> those."""
     if tuned is None or tuned is False:
         return []
-    from imm_jax import tuning
     if tuned is True:
-        found = tuning.load_all(checkpoint, step)
+        found = tuned_vectors.load_all(checkpoint, step)
         if not found:
             raise FileNotFoundError(f"tuned=True but no tuned time embeddings are stored beside {checkpoint}; "
                                     "make them with python -m imm_jax.tuning --checkpoint=...")
         return found
     items = tuned if isinstance(tuned, (list, tuple)) else [tuned]
-    return [tuning.load(t) if isinstance(t, str) else t for t in items]
+    return [tuned_vectors.load(t) if isinstance(t, str) else t for t in items]
 
 
 def load(checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = None,
