@@ -13,14 +13,19 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import common  # noqa: E402
 import train_step  # noqa: E402
 
+_STEP = train_step.COLUMNS + ["user_s_per_step", "sys_s_per_step", "page_faults_per_step"]
+_FID = ["input", "batch", "devices", "batch_s", "img_s", "gflop_img", "gflop_s", "frac_peak", "first_call_s"]
 TABLES = {
-    "train_step.json": train_step.COLUMNS + ["user_s_per_step", "sys_s_per_step", "page_faults_per_step"],
+    "train_step_dit_s2.json": _STEP,
+    "train_step_dit_s2_dense_off.json": _STEP,
+    "train_step_ddpmpp_narrow.json": _STEP,
+    "train_step_8dev.json": _STEP,
     "profile_step.json": ["part", "ms", "gflop", "gflop_s", "frac_peak", "compile_s"],
     "trace_step.json": ["direction", "layer", "kind", "ms", "share", "ops", "gflop", "gflop_s"],
     "sampling.json": ["model", "steps", "cfg", "batch", "devices", "nfe_per_image", "batch_s", "img_s",
                       "ms_per_nfe_img", "first_call_s"],
-    "fid_features.json": ["input", "batch", "devices", "batch_s", "img_s", "gflop_img", "gflop_s", "frac_peak",
-                          "first_call_s"],
+    "fid_features.json": _FID,
+    "fid_features_dense_off.json": _FID,
 }
 
 
