@@ -1,6 +1,6 @@
 """The embedded default: class-conditional IMM on Fashion-MNIST (28x28 padded to 32x32, 10 classes), CPU-sized.
 
-    sudo apt-get install dataset-fashion-mnist     # IDX files under /usr/share/datasets/fashion-mnist/
+    apt-get install dataset-fashion-mnist          # as root (else with sudo): IDX files under /usr/share/datasets/fashion-mnist/
     python -m imm_jax.main --config=configs/fashion_mnist.py --workdir=runs/fmnist
 
 Any directory holding the four IDX files also works: --config.data.path=DIR.
