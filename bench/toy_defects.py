@@ -12,7 +12,6 @@ modified. Prints one line per (defect, seed): the bounds broken, or "all bounds 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -68,11 +67,9 @@ DEFECTS = {
 
 
 def _load_toy():
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "examples", "toy2d.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["toy2d"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    sys.path.insert(0, os.path.join(ROOT, "examples"))
+    import toy2d
+    return toy2d
 
 
 def mutated_module(name: str, edits, overrides=None) -> types.ModuleType:

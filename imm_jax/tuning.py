@@ -61,7 +61,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imm_jax import api, interpolants, networks, sampling
-from imm_jax.tuned_vectors import TunedVectors, load, load_all, save, select  # noqa: F401 (re-exported)
+from imm_jax.tuned_vectors import TunedVectors, save
 from imm_jax.losses import IMMObjective, objective_name
 
 SAMPLERS = ("euler", "pushforward")

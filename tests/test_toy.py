@@ -6,22 +6,18 @@ matching's 1-step Euler sample (the conditional mean E[x | x_T]) must be far fro
 (`toy2d.BOUNDS`) hold for seeds 0-9 with a margin and break under each of several injected defects of the
 loss (bench/toy_defects.py). Select with `pytest -k toy`.
 """
-import importlib.util
 import os
 import sys
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "examples"))
 
 
 @pytest.fixture(scope="module")
 def toy():
-    spec = importlib.util.spec_from_file_location("toy2d", os.path.join(ROOT, "examples", "toy2d.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["toy2d"] = mod
-    spec.loader.exec_module(mod)
-    return mod
+    import toy2d
+    return toy2d
 
 
 def test_toy_metrics_separate_data_from_collapse(toy):

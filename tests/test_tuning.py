@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 
 import imm_jax
-from imm_jax import checkpointing, networks, sampling, tuning
+from imm_jax import checkpointing, networks, sampling, tuned_vectors, tuning
 from imm_jax.losses import IMMObjective
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
@@ -227,9 +227,9 @@ def test_save_load_round_trip_and_sampling_api(tmp_path, model):
     settings = tuning.TuneSettings(sampler="pushforward", steps=2, teacher_steps=4, batch_size=8,
                                    num_trajectories=8, num_eval=8, num_steps=2, lr=1e-2, cfg_scale=1.5)
     tuned = tuning.tune(net, params, objective, settings, image_shape=SHAPE, num_classes=10)
-    path = tuning.save(step_dir, tuned)
+    path = tuned_vectors.save(step_dir, tuned)
     assert path == os.path.join(step_dir, "tuned", "pushforward_2step_uniform")
-    [back] = tuning.load_all(str(tmp_path / "ckpt"))
+    [back] = tuned_vectors.load_all(str(tmp_path / "ckpt"))
     np.testing.assert_array_equal(back.offsets, tuned.offsets)
     np.testing.assert_array_equal(back.vectors, tuned.vectors)
     assert back.meta == tuned.meta
@@ -249,7 +249,7 @@ def test_save_load_round_trip_and_sampling_api(tmp_path, model):
     assert float(jnp.max(jnp.abs(got - untuned))) > 0
     np.testing.assert_array_equal(sampler.generate(rng, labels, steps=2, cfg_scale=1.5, tuned=False), untuned)
     # Zero offsets through the API: the untuned samples exactly.
-    zero = tuning.TunedVectors(np.zeros_like(tuned.offsets), None, tuned.meta)
+    zero = tuned_vectors.TunedVectors(np.zeros_like(tuned.offsets), None, tuned.meta)
     np.testing.assert_array_equal(imm_jax.load(str(tmp_path / "ckpt"), tuned=zero).generate(
         rng, labels, steps=2, cfg_scale=1.5), untuned)
     imgs = imm_jax.sample(str(tmp_path / "ckpt"), 4, steps=2, tuned=True, labels=[1, 2, 3, 4])
