@@ -440,6 +440,9 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
     def evaluate(step: int, st):
         flush(step)
         t0 = time.time()
+        if is_host0:
+            print(f"step {step} | FID of {fid_monitor.num_samples} samples at "
+                  f"{', '.join(map(str, fid_monitor.steps))} step(s)...", flush=True)
         fids = fid_monitor(st.ema[sample_ema_index])
         if timer["t0"] is not None:
             timer["t0"] += time.time() - t0  # img/s and ETA count training time only

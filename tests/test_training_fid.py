@@ -53,10 +53,13 @@ def read_metrics(workdir):
         return [json.loads(line) for line in f]
 
 
-def test_fid_during_training_is_logged_and_matches_a_numpy_recomputation(tmp_path):
+def test_fid_during_training_is_logged_and_matches_a_numpy_recomputation(tmp_path, capsys):
     c = fid_config()
     extractor = ProjectionExtractor(8 * 8 * 1)
     out = train.train_and_evaluate(c, str(tmp_path), fid_extractor=extractor)
+    printed = capsys.readouterr().out
+    assert "step 3 | FID of 12 samples at 1, 2 step(s)..." in printed  # said before the (long) evaluation
+    assert "step 6 | fid_1step" in printed
     rows = [r for r in read_metrics(tmp_path) if "fid_1step" in r]
     assert [r["step"] for r in rows] == [3, 6]
     assert all(np.isfinite(r["fid_1step"]) and np.isfinite(r["fid_2step"]) for r in rows)
