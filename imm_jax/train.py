@@ -9,6 +9,7 @@ scalars, written without TensorFlow), samples/*.png (1/2/4-step grids from fixed
 """
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import logging
@@ -310,6 +311,75 @@ def _fmt_time(s: float) -> str:
     return f"{s // 3600}h{s % 3600 // 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
+@dataclasses.dataclass(frozen=True)
+class LoopSchedule:
+    """When the loop logs, checkpoints, writes sample grids and evaluates FID: every `*_every` steps (0 = never
+    for sample/eval), at the last step, and when the run stops early. A run stopped by its time budget also
+    writes its final grids and FID (a preempted one only checkpoints, to exit quickly)."""
+    num_steps: int
+    log_every: int
+    ckpt_every: int
+    sample_every: int = 0
+    eval_every: int = 0
+
+    @classmethod
+    def from_config(cls, config) -> "LoopSchedule":
+        t = config.train
+        return cls(num_steps=int(t.num_steps), log_every=int(t.log_every), ckpt_every=int(t.ckpt_every),
+                   sample_every=int(t.get("sample_every", 0) or 0),
+                   eval_every=int(config.get("eval", {}).get("every", 0) or 0))
+
+    def due(self, step: int, *, stopping: bool = False, out_of_time: bool = False) -> frozenset:
+        """The actions due after `step` updates, a subset of {"log", "checkpoint", "sample", "evaluate"}."""
+        last = step == self.num_steps
+        final = last or out_of_time
+        actions = set()
+        if step % self.log_every == 0 or last or stopping:
+            actions.add("log")
+        if step % self.ckpt_every == 0 or last or stopping:
+            actions.add("checkpoint")
+        if self.sample_every and (step % self.sample_every == 0 or final):
+            actions.add("sample")
+        if self.eval_every and (step % self.eval_every == 0 or final):
+            actions.add("evaluate")
+        return frozenset(actions)
+
+
+class _MetricBuffer:
+    """Per-step metrics left on device until the next flush (no host sync every step); a flush fetches them,
+    stops the run on a NaN/Inf loss or gradient naming the step window, and writes the last one (every one
+    with every_step)."""
+
+    def __init__(self, writer, ckpt, *, every_step: bool, last_good: int):
+        self.writer, self.ckpt, self.every_step = writer, ckpt, every_step
+        self.pending: list[tuple[int, dict]] = []
+        self.last_checked = last_good
+        self.last: dict[str, float] = {}
+
+    def add(self, step: int, metrics: dict):
+        self.pending.append((step, metrics))
+
+    def flush(self, current_step: int):
+        if not self.pending:
+            return
+        fetched = jax.device_get([m for _, m in self.pending])
+        steps = [s for s, _ in self.pending]
+        self.pending = []
+        for s, m in zip(steps, fetched):
+            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
+                good = self.ckpt.all_steps()
+                raise FloatingPointError(
+                    f"Non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}) at step {s} "
+                    f"(first bad step in window ({self.last_checked}, {current_step}]). Nothing after step "
+                    f"{self.last_checked} was checkpointed; last good checkpoint: "
+                    f"{(self.ckpt.directory + '/' + str(good[-1])) if good else 'none'}. Lower config.optim.lr, "
+                    "set config.optim.grad_clip, or check the data.")
+        self.last_checked = current_step
+        for s, m in (zip(steps, fetched) if self.every_step else [(steps[-1], fetched[-1])]):
+            self.writer.write(s, m)
+        self.last = {k: float(v) for k, v in fetched[-1].items()}
+
+
 def write_config(config, workdir: str):
     with open(os.path.join(workdir, "config.json"), "w") as f:
         f.write(config.to_json_best_effort(indent=2, sort_keys=True))
@@ -350,19 +420,21 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         if is_host0:
             print(f"Resumed from {ckpt.directory}/{start}", flush=True)
 
-    num_steps = int(tcfg.num_steps)
-    log_every, ckpt_every = int(tcfg.log_every), int(tcfg.ckpt_every)
-    sample_every = int(tcfg.get("sample_every", 0) or 0)
-    eval_every = int(config.get("eval", {}).get("every", 0) or 0)
+    schedule = LoopSchedule.from_config(config)
+    num_steps, log_every = schedule.num_steps, schedule.log_every
     writer = MetricWriter(workdir, is_host0)
     fid_monitor = None
-    if eval_every:
+    if schedule.eval_every:
         from imm_jax.evaluation import in_training
         fid_monitor = in_training.TrainingFID(
             config, workdir, lambda n, batch: functools.partial(
                 GridSampler(config, trainer.net, trainer.objective, num_samples=batch, steps=(n,)).one, n),
             extractor=fid_extractor, is_host0=is_host0)
+    # grids on host 0 (every host in multi-process runs: the program is global); latent models need the VAE
+    # to decode, so their samples are evaluated from exported files instead.
     sampler = None
+    if schedule.sample_every and config.data.source != "latents" and (is_host0 or jax.process_count() > 1):
+        sampler = GridSampler(config, trainer.net, trainer.objective)
     sample_ema_index = _sample_ema_index(config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     if is_host0:
@@ -370,36 +442,10 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
               f"{jax.device_count()} devices ({jax.devices()[0].platform}), {jax.process_count()} process(es) | "
               f"batch {pipeline.batch_size} | steps {start} -> {num_steps}", flush=True)
 
-    pending: list[tuple[int, dict]] = []
-    last_checked = start
-    last_metrics: dict[str, float] = {}
+    metrics_buffer = _MetricBuffer(writer, ckpt, every_step=log_every == 1, last_good=start)
+    flush = metrics_buffer.flush
     timer = {"t0": None, "s0": None}
     preempted = False
-
-    def flush(current_step: int):
-        """Fetch pending per-step metrics; stop on NaN/Inf; log the last one."""
-        nonlocal pending, last_checked, last_metrics
-        if not pending:
-            return
-        fetched = jax.device_get([m for _, m in pending])
-        steps = [s for s, _ in pending]
-        pending = []
-        for s, m in zip(steps, fetched):
-            if not (np.isfinite(m["loss"]) and np.isfinite(m["grad_norm"])):
-                good = ckpt.all_steps()
-                raise FloatingPointError(
-                    f"Non-finite loss or gradient (loss={m['loss']}, grad_norm={m['grad_norm']}) at step {s} "
-                    f"(first bad step in window ({last_checked}, {current_step}]). Nothing after step "
-                    f"{last_checked} was checkpointed; last good checkpoint: "
-                    f"{(ckpt.directory + '/' + str(good[-1])) if good else 'none'}. Lower config.optim.lr, "
-                    "set config.optim.grad_clip, or check the data.")
-        last_checked = current_step
-        if log_every == 1:
-            for s, m in zip(steps, fetched):
-                writer.write(s, m)
-        else:
-            writer.write(steps[-1], fetched[-1])
-        last_metrics = {k: float(v) for k, v in fetched[-1].items()}
 
     def progress(step: int):
         now = time.time()
@@ -410,7 +456,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
             ips, eta = rate * pipeline.batch_size, (num_steps - step) / rate
             if budget_s:
                 eta = min(eta, max(0.0, budget_s - (now - t_start)))
-        m = last_metrics
+        m = metrics_buffer.last
         if is_host0:
             print(f"step {step}/{num_steps} | loss {m.get('loss', float('nan')):.5f} | grad_norm "
                   f"{m.get('grad_norm', float('nan')):.4f} | lr {m.get('lr', float('nan')):.3g} | "
@@ -422,13 +468,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         ckpt.save(step, main_item, ema_item, config, input_pipeline.data_position(pipeline, step))
 
     def sample(step: int, st):
-        nonlocal sampler
-        if not is_host0 and jax.process_count() == 1:
-            return
-        if config.data.source == "latents":
-            return  # decoding needs the VAE; evaluation handles latent-space models
         if sampler is None:
-            sampler = GridSampler(config, trainer.net, trainer.objective)
+            return
         outs = sampler(st.ema[sample_ema_index])
         if is_host0:
             os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
@@ -463,7 +504,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                     assert data_step == step
                     state, metrics = trainer.train_step(state, batch)
                     step += 1
-                    pending.append((step, metrics))
+                    metrics_buffer.add(step, metrics)
                     for h in hooks:
                         h(step, state, metrics)
                     if step == start + 1:
@@ -477,23 +518,19 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
                             if is_host0:
                                 print(f"Time budget of {budget_s / 60:.1f} min reached "
                                       "(config.train.max_train_minutes).", flush=True)
-                    if step % log_every == 0 or step == num_steps or stop_now:
+                    due = schedule.due(step, stopping=stop_now, out_of_time=out_of_time)
+                    if "log" in due:
                         flush(step)
                         progress(step)
-                    if step % ckpt_every == 0 or step == num_steps or stop_now:
+                    if "checkpoint" in due:
                         save(step, state)
-                    if sample_every and (step % sample_every == 0 or step == num_steps):
+                    if "sample" in due:
                         flush(step)
                         sample(step, state)
-                    if eval_every and (step % eval_every == 0 or step == num_steps):
+                    if "evaluate" in due:
                         evaluate(step, state)
                     if stop_now:
                         preempted = preempt.flag or not out_of_time
-                        if out_of_time and sample_every and step % sample_every:
-                            flush(step)
-                            sample(step, state)  # final grids at the end of a time-limited run
-                        if out_of_time and eval_every and step % eval_every:
-                            evaluate(step, state)
                         break
                     if step >= num_steps:
                         break
@@ -504,8 +541,8 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         writer.close()
     if is_host0:
         print(("Preempted: checkpoint written at step %d" if preempted else "Done at step %d") % step, flush=True)
-    return {"final_step": step, "preempted": preempted, "out_of_time": out_of_time, "last_metrics": last_metrics,
-            "state": state}
+    return {"final_step": step, "preempted": preempted, "out_of_time": out_of_time,
+            "last_metrics": metrics_buffer.last, "state": state}
 
 
 def _any_host_preempted(ckpt: checkpointing.Checkpointer, step: int) -> bool:

@@ -245,3 +245,16 @@ def test_k_schedule_follows_the_optimizer_step(tmp_path):
         ks = {r["step"]: r["k"] for r in map(json.loads, f) if "k" in r}
     # the metrics of step n come from the update at state.step = n - 1
     assert ks == {1: 4.0, 2: 4.0, 3: 5.0, 4: 5.0, 5: 5.0, 6: 5.0}
+
+
+def test_loop_schedule_says_what_is_due():
+    s = train.LoopSchedule(num_steps=10, log_every=2, ckpt_every=3, sample_every=4, eval_every=5)
+    assert s.due(1) == set()
+    assert s.due(4) == {"log", "sample"}
+    assert s.due(6) == {"log", "checkpoint"}
+    assert s.due(5) == {"evaluate"}
+    assert s.due(10) == {"log", "checkpoint", "sample", "evaluate"}  # the last step: all, 10 % 4 != 0 too
+    assert s.due(7, stopping=True) == {"log", "checkpoint"}  # preempted: checkpoint and exit
+    assert s.due(7, stopping=True, out_of_time=True) == {"log", "checkpoint", "sample", "evaluate"}
+    never = train.LoopSchedule(num_steps=10, log_every=1, ckpt_every=5)
+    assert never.due(10) == {"log", "checkpoint"} and never.due(3) == {"log"}
