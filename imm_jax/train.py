@@ -37,11 +37,11 @@ from imm_jax import train_state as ts
 
 # ----------------------------------------------------------------------------- model and loss
 
-def build_network(config, devices=None):
+def build_network(config, devices=None, backend: str | None = None):
     """The Linen network for config.model (networks contract: apply(x, t_in, s_in, labels, train=...)), its
-    layers on the execution path of `devices` (default jax.devices(); `networks.build`)."""
+    layers on `backend`, or the execution path of `devices` (default jax.devices(); `networks.build`)."""
     from imm_jax import networks
-    return networks.build(config.model, devices=devices)
+    return networks.build(config.model, backend=backend, devices=devices)
 
 
 def build_objective(config):
@@ -112,8 +112,7 @@ class Trainer:
         A step exported for another platform needs `networks.layers.backend_for_export(platforms)`."""
         self.config = config
         self.mesh = sharding_lib.make_mesh(config.mesh) if mesh is None else mesh
-        from imm_jax import networks
-        self.net = networks.build(config.model, backend=backend, devices=list(self.mesh.devices.flat))
+        self.net = build_network(config, devices=list(self.mesh.devices.flat), backend=backend)
         self.objective = build_objective(config)
         self.loss_fn = make_loss_fn(config, self.net, self.objective)
         self.tx, self.schedule = optim.make_optimizer(config.optim)
