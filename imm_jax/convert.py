@@ -52,251 +52,28 @@ Mapping table (torch name -> imm_jax param path; layout change):
 from __future__ import annotations
 
 import argparse
-import collections
 import importlib.util
-import io
-import json
 import os
-import pickle
 import re
-import struct
 import sys
-import zipfile
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import numpy as np
+import safetensors.numpy
 
-# ------------------------------------------------------------------------------------ safe reading
+from imm_jax.io import torch_pickle
 
-try:  # bfloat16 storages; ml_dtypes ships with jax.
-    import ml_dtypes
-    _BF16 = np.dtype(ml_dtypes.bfloat16)
-except ImportError:  # pragma: no cover
-    _BF16 = None
-
-_STORAGE_DTYPES = {
-    "FloatStorage": np.dtype(np.float32), "DoubleStorage": np.dtype(np.float64),
-    "HalfStorage": np.dtype(np.float16), "BFloat16Storage": _BF16,
-    "LongStorage": np.dtype(np.int64), "IntStorage": np.dtype(np.int32),
-    "ShortStorage": np.dtype(np.int16), "CharStorage": np.dtype(np.int8),
-    "ByteStorage": np.dtype(np.uint8), "BoolStorage": np.dtype(np.bool_),
-    "UntypedStorage": np.dtype(np.uint8),
-}
-
-# Pure data constructors that are safe to call.
-_SAFE_BUILTINS = {"set": set, "frozenset": frozenset, "slice": slice, "complex": complex,
-                  "bytearray": bytearray, "list": list, "dict": dict, "tuple": tuple, "int": int,
-                  "float": float, "bool": bool, "str": str, "bytes": bytes}
-
-
-class StorageType:
-    """Stand-in for torch.<X>Storage: carries the element dtype."""
-
-    def __init__(self, name: str):
-        if name not in _STORAGE_DTYPES or _STORAGE_DTYPES[name] is None:
-            raise ValueError(f"unsupported torch storage type {name}")
-        self.name, self.dtype = name, _STORAGE_DTYPES[name]
-
-
-class Stub:
-    """Inert stand-in for any global the reader does not trust; records what the pickle gives it."""
-    _global = ("", "")
-
-    def __new__(cls, *args, **kwargs):
-        obj = object.__new__(cls)
-        obj.args, obj.state = args, None
-        return obj
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-    def __repr__(self):
-        return f"<stub {'.'.join(self._global)}>"
-
-
-class PersistentObject:
-    """What EDM's `_reconstruct_persistent_obj(meta)` would build, without running meta['module_src']."""
-
-    def __init__(self, meta):
-        meta = meta if isinstance(meta, dict) else {}
-        self.class_name = meta.get("class_name")
-        self.state = meta.get("state")
-        self.kind = meta.get("type")
-
-
-def _rebuild_tensor(storage, offset, size, stride, *unused):
-    if not isinstance(storage, np.ndarray):
-        raise ValueError(f"tensor storage could not be read (got {type(storage).__name__})")
-    size, stride = tuple(int(v) for v in size), tuple(int(v) for v in stride)
-    if not size:
-        return storage[offset].copy()
-    item = storage.itemsize
-    view = np.lib.stride_tricks.as_strided(storage[offset:], shape=size,
-                                           strides=tuple(s * item for s in stride))
-    return np.array(view, copy=True)
-
-
-def _rebuild_parameter(data, *unused):
-    return data
-
-
-def _rebuild_from_type_v2(func, new_type, args, state):
-    return func(*args)
-
-
-def _codecs_encode(text, encoding="utf-8"):
-    if encoding != "latin1":
-        raise pickle.UnpicklingError(f"unexpected _codecs.encode encoding {encoding!r}")
-    return text.encode("latin1")
-
-
-class RestrictedUnpickler(pickle.Unpickler):
-    """Unpickler that never resolves arbitrary globals (see module docstring).
-
-    `storages`: callable (key, StorageType, numel) -> 1-D ndarray for torch persistent storage ids.
-    `seen`: the (module, name) pairs replaced by stubs, for diagnostics.
-    """
-
-    def __init__(self, file, storages: Callable | None = None):
-        super().__init__(file)
-        self._storages = storages
-        self.seen: set[tuple[str, str]] = set()
-
-    def find_class(self, module: str, name: str):
-        if module == "collections" and name == "OrderedDict":
-            return collections.OrderedDict
-        if module == "torch._utils" and name in ("_rebuild_tensor_v2", "_rebuild_tensor"):
-            return _rebuild_tensor
-        if module == "torch._utils" and name in ("_rebuild_parameter", "_rebuild_parameter_with_state"):
-            return _rebuild_parameter
-        if module == "torch._tensor" and name == "_rebuild_from_type_v2":
-            return _rebuild_from_type_v2
-        if module == "torch.storage" and name == "_load_from_bytes":
-            return _load_from_bytes
-        if module == "torch" and name.endswith("Storage"):
-            return StorageType(name)
-        if name == "_reconstruct_persistent_obj":
-            return PersistentObject
-        if module == "_codecs" and name == "encode":
-            return _codecs_encode
-        if module in ("builtins", "__builtin__") and name in _SAFE_BUILTINS:
-            return _SAFE_BUILTINS[name]
-        if module == "copyreg" and name == "_reconstructor":
-            return lambda cls, base, state: cls.__new__(cls) if isinstance(cls, type) and issubclass(
-                cls, Stub) else Stub()
-        self.seen.add((module, name))
-        return type(f"Stub_{name}", (Stub,), {"_global": (module, name)})
-
-    def persistent_load(self, pid):
-        if not (isinstance(pid, tuple) and pid and pid[0] == "storage") or self._storages is None:
-            raise pickle.UnpicklingError(f"unsupported persistent id {pid!r}")
-        storage_type, key, numel = pid[1], str(pid[2]), int(pid[4])
-        if not isinstance(storage_type, StorageType):
-            raise pickle.UnpicklingError(f"unsupported storage type {storage_type!r}")
-        return self._storages(key, storage_type, numel)
-
-
-def _load_from_bytes(data: bytes):
-    """torch.storage._load_from_bytes: a storage serialised by torch.save (legacy or zip format)."""
-    if data[:2] == b"PK":
-        with zipfile.ZipFile(io.BytesIO(data)) as zf:
-            return _read_torch_zip(zf)
-    return _read_legacy(io.BytesIO(data))
-
-
-def _read_legacy(f) -> Any:
-    """torch's legacy (non-zip) torch.save format: header pickles, main pickle, keys, raw storages."""
-    safe = RestrictedUnpickler
-    magic = safe(f).load()
-    if magic != 0x1950A86A20F9469CFC6C:
-        raise ValueError("not a torch legacy serialisation (bad magic number)")
-    safe(f).load()  # protocol version
-    sys_info = safe(f).load()
-    if isinstance(sys_info, dict) and not sys_info.get("little_endian", True):
-        raise ValueError("big-endian torch files are not supported")
-    pending: dict[str, tuple[StorageType, int]] = {}
-    arrays: dict[str, np.ndarray] = {}
-
-    class Lazy:
-        def __init__(self, key):
-            self.key = key
-
-    def storages(key, storage_type, numel):
-        pending[key] = (storage_type, numel)
-        return Lazy(key)
-
-    main = safe(f, storages)
-    root = main.load()
-    keys = safe(f).load()
-    for key in keys:
-        storage_type, _ = pending[str(key)]
-        (count,) = struct.unpack("<q", f.read(8))
-        nbytes = count * storage_type.dtype.itemsize
-        buf = f.read(nbytes)
-        if len(buf) != nbytes:
-            raise ValueError("truncated torch storage data")
-        arrays[str(key)] = np.frombuffer(buf, dtype=storage_type.dtype).copy()
-    return _resolve_lazy(root, Lazy, arrays)
-
-
-def _resolve_lazy(obj, lazy_cls, arrays):
-    # A legacy file's main pickle references storages whose bytes come after it; in practice the
-    # object is a bare storage (what `_load_from_bytes` sees), so resolve that case.
-    if isinstance(obj, lazy_cls):
-        return arrays[obj.key]
-    raise ValueError("legacy torch files holding more than one storage are not supported; "
-                     "export a state_dict (see imm_jax.convert docstring)")
-
-
-def _read_torch_zip(zf: zipfile.ZipFile) -> Any:
-    names = zf.namelist()
-    pkl = [n for n in names if n.endswith("data.pkl")]
-    if len(pkl) != 1:
-        raise ValueError(f"torch zip file without a unique data.pkl (entries: {names[:5]}...)")
-    root = pkl[0][: -len("data.pkl")]
-    byteorder = root + "byteorder"
-    if byteorder in names and zf.read(byteorder).strip() != b"little":
-        raise ValueError("big-endian torch files are not supported")
-
-    def storages(key, storage_type, numel):
-        buf = zf.read(f"{root}data/{key}")
-        return np.frombuffer(buf, dtype=storage_type.dtype)[:numel].copy()
-
-    return RestrictedUnpickler(io.BytesIO(zf.read(pkl[0])), storages).load()
-
-
-def _read_safetensors(path: str) -> dict[str, np.ndarray]:
-    codes = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": _BF16, "I64": np.int64,
-             "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-        data = f.read()
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        out[name] = np.frombuffer(data[start:end], dtype=codes[info["dtype"]]).reshape(info["shape"]).copy()
-    return out
-
+# ------------------------------------------------------------------------------------ reading
 
 def load_file(path: str) -> Any:
     """Reads a checkpoint file into plain Python/NumPy objects (see module docstring for formats)."""
     if path.endswith(".safetensors"):
-        return _read_safetensors(path)
+        return safetensors.numpy.load_file(path)
     if path.endswith(".npz"):
         with np.load(path, allow_pickle=False) as z:
             return {k: z[k] for k in z.files}
-    if zipfile.is_zipfile(path):
-        with zipfile.ZipFile(path) as zf:
-            return _read_torch_zip(zf)
-    with open(path, "rb") as f:
-        return RestrictedUnpickler(f).load()
+    return torch_pickle.load(path, unknown="stub")
 
 
 def _module_state(node) -> dict | None:

@@ -16,7 +16,6 @@ import logging
 import math
 import os
 import signal
-import struct
 import threading
 import time
 from typing import Any, Callable, Sequence
@@ -75,7 +74,11 @@ def init_params(net, config, key):
 # ----------------------------------------------------------------------------- step
 
 class RetraceError(RuntimeError):
-    pass
+    """The train step was traced a second time.
+
+    Counted per step function here: chex.assert_max_traces keys its counter on the function's source text, so
+    a second Trainer in the same process (tests, tuning after training) would count as a retrace.
+    """
 
 
 def make_train_step(loss_fn, tx, schedule, ema_decays: Sequence[float]):
@@ -147,73 +150,6 @@ class Trainer:
 
 # ----------------------------------------------------------------------------- metric writers
 
-def _crc32c_table():
-    table = []
-    for i in range(256):
-        c = i
-        for _ in range(8):
-            c = (c >> 1) ^ 0x82F63B78 if c & 1 else c >> 1
-        table.append(c)
-    return table
-
-
-_CRC_TABLE = _crc32c_table()
-
-
-def _masked_crc32c(data: bytes) -> int:
-    crc = 0xFFFFFFFF
-    for b in data:
-        crc = _CRC_TABLE[(crc ^ b) & 0xFF] ^ (crc >> 8)
-    crc ^= 0xFFFFFFFF
-    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
-
-
-def _varint(n: int) -> bytes:
-    out = bytearray()
-    while True:
-        b = n & 0x7F
-        n >>= 7
-        if n:
-            out.append(b | 0x80)
-        else:
-            out.append(b)
-            return bytes(out)
-
-
-def _field(num: int, wire: int, payload: bytes) -> bytes:
-    return _varint((num << 3) | wire) + payload
-
-
-def _len_field(num: int, payload: bytes) -> bytes:
-    return _field(num, 2, _varint(len(payload)) + payload)
-
-
-class TensorBoardWriter:
-    """Scalar summaries in TensorBoard's event-file format (TFRecord of Event protos), no TensorFlow needed."""
-
-    def __init__(self, logdir: str):
-        os.makedirs(logdir, exist_ok=True)
-        name = f"events.out.tfevents.{int(time.time())}.{os.uname().nodename}.imm_jax"
-        self._f = open(os.path.join(logdir, name), "ab")
-        self._write_event(_field(1, 1, struct.pack("<d", time.time())) + _len_field(3, b"brain.Event:2"))
-
-    def _write_event(self, event: bytes):
-        header = struct.pack("<Q", len(event))
-        self._f.write(header + struct.pack("<I", _masked_crc32c(header)) + event
-                      + struct.pack("<I", _masked_crc32c(event)))
-
-    def scalars(self, step: int, values: dict[str, float]):
-        summary = b"".join(
-            _len_field(1, _len_field(1, k.encode()) + _field(2, 5, struct.pack("<f", float(v))))
-            for k, v in values.items())
-        self._write_event(_field(1, 1, struct.pack("<d", time.time())) + _field(2, 0, _varint(int(step)))
-                          + _len_field(5, summary))
-        self._f.flush()
-
-    def close(self):
-        self._f.close()
-
-
 class MetricWriter:
     """JSON lines + TensorBoard on process 0; no-op elsewhere."""
 
@@ -221,14 +157,18 @@ class MetricWriter:
         self.enabled = enabled
         if enabled:
             self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
-            self._tb = TensorBoardWriter(workdir)
+            import tensorboardX  # ~1 s of protobuf imports, needed on process 0 only
+
+            self._tb = tensorboardX.SummaryWriter(logdir=workdir, filename_suffix=".imm_jax")
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.enabled:
             return
         self._jsonl.write(json.dumps({"step": int(step), **{k: float(v) for k, v in metrics.items()}}) + "\n")
         self._jsonl.flush()
-        self._tb.scalars(step, metrics)
+        for k, v in metrics.items():
+            self._tb.add_scalar(k, float(v), int(step))
+        self._tb.flush()
 
     def close(self):
         if self.enabled:

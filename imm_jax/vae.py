@@ -10,8 +10,8 @@ Layout conventions:
 - latents are NHWC with `latent_channels` (4) channels at 1/8 resolution: a 256x256 image gives (32, 32, 4).
 
 Weights load from a local diffusers-format directory (`config.json` + `diffusion_pytorch_model.safetensors`)
-with `load_pretrained(path)`; the safetensors file is parsed with NumPy, so neither torch nor the
-`safetensors` package is needed. Nothing here downloads anything.
+with `load_pretrained(path)`; the safetensors file is read with the `safetensors` package's NumPy API, so
+torch is not needed. Nothing here downloads anything.
 
 Latent normalisation (spec §6.3): the model space is
     x = (z - RAW_MEAN) / RAW_STD * 0.5
@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
+import safetensors.numpy
 
 # ---------------------------------------------------------------------------------------------------------
 # Latent normalisation (spec §6.3)
@@ -409,77 +410,6 @@ def decode_to_uint8(vae: AutoencoderKL, params, x):
 
 
 # ---------------------------------------------------------------------------------------------------------
-# safetensors (read/write with NumPy). Format: u64 little-endian header length N, N bytes of JSON
-# {name: {"dtype", "shape", "data_offsets": [begin, end]}, "__metadata__": {...}}, then the raw buffer.
-
-_ST_DTYPES = {
-    "F64": np.float64, "F32": np.float32, "F16": np.float16, "I64": np.int64, "I32": np.int32,
-    "I16": np.int16, "I8": np.int8, "U8": np.uint8, "U16": np.uint16, "U32": np.uint32, "U64": np.uint64,
-    "BOOL": np.bool_,
-}
-_ST_NAMES = {np.dtype(v): k for k, v in _ST_DTYPES.items()}
-
-
-def read_safetensors(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Reads every tensor of a .safetensors file into NumPy arrays (BF16 is widened to float32)."""
-    path = os.fspath(path)
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise ValueError(f"{path}: not a safetensors file (shorter than 8 bytes).")
-        n = int.from_bytes(head, "little")
-        file_size = os.path.getsize(path)
-        if n > file_size - 8:
-            raise ValueError(f"{path}: safetensors header length {n} exceeds the file size {file_size}.")
-        header = json.loads(f.read(n).decode("utf-8"))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + n) if file_size > 8 + n else np.zeros(0, np.uint8)
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        begin, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        raw = np.asarray(data[begin:end])
-        if info["dtype"] == "BF16":
-            arr = (raw.view(np.uint16).astype(np.uint32) << 16).view(np.float32)
-        elif info["dtype"] in _ST_DTYPES:
-            arr = raw.view(_ST_DTYPES[info["dtype"]])
-        else:
-            raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']!r}.")
-        if arr.size != int(np.prod(shape)):
-            raise ValueError(f"{path}: tensor {name!r} has {arr.size} elements but shape {shape}.")
-        out[name] = arr.reshape(shape).copy()
-    return out
-
-
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, np.ndarray],
-                      metadata: Mapping[str, str] | None = None) -> None:
-    """Writes NumPy arrays to a .safetensors file (readable by the `safetensors` package and by torch)."""
-    header: dict[str, Any] = {}
-    if metadata:
-        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
-    arrays, offset = [], 0
-    for name in sorted(tensors):
-        arr = np.ascontiguousarray(tensors[name])
-        if arr.dtype not in _ST_NAMES:
-            raise ValueError(f"tensor {name!r}: dtype {arr.dtype} cannot be stored in safetensors here.")
-        nbytes = arr.nbytes
-        header[name] = {"dtype": _ST_NAMES[arr.dtype], "shape": list(arr.shape),
-                        "data_offsets": [offset, offset + nbytes]}
-        arrays.append(arr)
-        offset += nbytes
-    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
-    blob += b" " * (-len(blob) % 8)  # the buffer starts 8-byte aligned
-    tmp = os.fspath(path) + ".tmp"
-    with open(tmp, "wb") as f:
-        f.write(len(blob).to_bytes(8, "little"))
-        f.write(blob)
-        for arr in arrays:
-            f.write(arr.tobytes())
-    os.replace(tmp, path)
-
-
-# ---------------------------------------------------------------------------------------------------------
 # diffusers state dict <-> Flax params
 
 _LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
@@ -593,7 +523,7 @@ def load_pretrained(path: str | os.PathLike, dtype: str | Any = "float32"):
                 f"{CONFIG_NAME} and {WEIGHTS_NAME} (download it once, e.g. stabilityai/sd-vae-ft-ema).")
     with open(cfg_file) as f:
         config = VAEConfig.from_diffusers(json.load(f))
-    params = params_from_state_dict(read_safetensors(w_file), config)
+    params = params_from_state_dict(safetensors.numpy.load_file(w_file), config)
     return AutoencoderKL(config, dtype=compute_dtype(dtype)), jax.tree_util.tree_map(jnp.asarray, params)
 
 
@@ -603,5 +533,5 @@ def save_pretrained(path: str | os.PathLike, config: VAEConfig, params) -> None:
     os.makedirs(path, exist_ok=True)
     with open(os.path.join(path, CONFIG_NAME), "w") as f:
         json.dump(config.to_diffusers(), f, indent=2)
-    write_safetensors(os.path.join(path, WEIGHTS_NAME), state_dict_from_params(params),
-                      metadata={"format": "pt"})
+    safetensors.numpy.save_file(state_dict_from_params(params), os.path.join(path, WEIGHTS_NAME),
+                                metadata={"format": "pt"})

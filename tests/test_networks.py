@@ -1,4 +1,5 @@
 """Backbones: shapes/dtypes, analytic param counts, zero-init, conditioning, null labels, precision."""
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -94,10 +95,11 @@ def test_tiny_dit_runs_every_patch_size(patch, dtype):
     net = networks.build(cfg)
     x, t, s, y = _inputs(3, 16, 4, 10)
     shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t, s, y))
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+    chex.assert_trees_all_equal_dtypes(shapes, jax.tree.map(lambda a: jnp.zeros((), jnp.float32), shapes))
     out = _apply(net, _random_params(net, x, t, s, y), x, t, s, y)
-    assert out.shape == x.shape and out.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(out)))
+    chex.assert_shape(out, x.shape)
+    chex.assert_type(out, jnp.float32)
+    chex.assert_tree_all_finite(out)
 
 
 def test_dit_zero_at_init():
@@ -240,10 +242,11 @@ def test_tiny_unet_variants_run(preset_kw):
     net = networks.build(cfg)
     x, t, s, y = _inputs(2, 8, 3, cfg.num_classes)
     shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t, s, y))
-    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(shapes))
+    chex.assert_trees_all_equal_dtypes(shapes, jax.tree.map(lambda a: jnp.zeros((), jnp.float32), shapes))
     out = _apply(net, _random_params(net, x, t, s, y), x, t, s, y)
-    assert out.shape == x.shape and out.dtype == jnp.float32
-    assert bool(jnp.all(jnp.isfinite(out)))
+    chex.assert_shape(out, x.shape)
+    chex.assert_type(out, jnp.float32)
+    chex.assert_tree_all_finite(out)
 
 
 def test_unet_near_zero_at_init_and_conditioning():

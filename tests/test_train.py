@@ -213,27 +213,25 @@ def test_optimizers_warmup_and_clipping():
         optim.make_optimizer(ml_collections.ConfigDict(dict(base, name="sgd")))
 
 
-def test_tensorboard_records_are_valid(tmp_path):
-    assert train._masked_crc32c(b"") == ((((0 >> 15) | (0 << 17)) + 0xA282EAD8) & 0xFFFFFFFF)
-    # crc32c("123456789") = 0xE3069283 (standard check value); unmask to compare
-    m = train._masked_crc32c(b"123456789")
-    rot = (m - 0xA282EAD8) & 0xFFFFFFFF
-    assert ((rot << 15) | (rot >> 17)) & 0xFFFFFFFF == 0xE3069283
-    w = train.TensorBoardWriter(str(tmp_path))
-    w.scalars(7, {"loss": 0.25})
+def test_metric_writer_tensorboard_events(tmp_path):
+    """metrics.jsonl and a TensorBoard event file with the same scalars (records parsed independently)."""
+    from tensorboardX.proto import event_pb2
+
+    w = train.MetricWriter(str(tmp_path), enabled=True)
+    w.write(7, {"loss": 0.25, "fid_1step": 31.5})
+    w.write(8, {"loss": 0.125})
     w.close()
-    (name,) = os.listdir(tmp_path)
-    data = open(tmp_path / name, "rb").read()
-    records, off = [], 0
-    while off < len(data):
+    assert [json.loads(line) for line in open(tmp_path / "metrics.jsonl")] == [
+        {"step": 7, "loss": 0.25, "fid_1step": 31.5}, {"step": 8, "loss": 0.125}]
+    (name,) = [n for n in os.listdir(tmp_path) if n.startswith("events.out.tfevents")]
+    data, off, scalars = open(tmp_path / name, "rb").read(), 0, []
+    while off < len(data):  # TFRecord: u64 length, u32 crc, payload, u32 crc
         (n,) = struct.unpack("<Q", data[off:off + 8])
-        assert struct.unpack("<I", data[off + 8:off + 12])[0] == train._masked_crc32c(data[off:off + 8])
-        rec = data[off + 12:off + 12 + n]
-        assert struct.unpack("<I", data[off + 12 + n:off + 16 + n])[0] == train._masked_crc32c(rec)
-        records.append(rec)
+        event = event_pb2.Event.FromString(data[off + 12:off + 12 + n])
+        scalars += [(event.step, v.tag, v.simple_value) for v in event.summary.value]
         off += 16 + n
-    assert len(records) == 2 and b"brain.Event:2" in records[0]
-    assert b"loss" in records[1] and struct.pack("<f", 0.25) in records[1]
+    assert off == len(data)
+    assert scalars == [(7, "loss", 0.25), (7, "fid_1step", 31.5), (8, "loss", 0.125)]
 
 
 def test_k_schedule_follows_the_optimizer_step(tmp_path):

@@ -1,0 +1,1 @@
+"""Readers of files made by other frameworks: torch pickles (restricted, code-free)."""
