@@ -22,11 +22,10 @@ import time
 from typing import Any, Optional, Sequence
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax import networks, sampling, tuned_vectors
+from imm_jax import images, networks, sampling, tuned_vectors
 from imm_jax.losses import IMMObjective, objective_name
 
 # The paper's sampler settings (spec §5, §7): CIFAR-10 unconditional, ImageNet-256 uniform grids, CFG 1.5.
@@ -62,19 +61,31 @@ class Sampler:
       num_compiles: how many sampling programs have been traced so far.
     """
 
-    def __init__(self, config, params, *, ema: str = "", vae_path: Optional[str] = None, devices=None,
-                 tuned=None, backend: Optional[str] = None):
+    def __init__(self, config, params=None, *, ema: str = "", vae_path: Optional[str] = None, devices=None,
+                 tuned=None, backend: Optional[str] = None, mesh: Optional[Mesh] = None):
+        """params: EMA params, or None to pass `params=` to each call (the training loop's grids and FID).
+
+        mesh: sample over this mesh (the trainer's) with params used where they are placed, the batch
+        padded to the "data" axis and the output replicated; default: a 1-D mesh of `devices` (all local
+        devices) with params replicated.
+        """
         self.config = config
         self.ema = ema
-        self.devices = list(devices or jax.local_devices())
+        self.devices = list(mesh.devices.flat) if mesh is not None else list(devices or jax.local_devices())
         # the layers' execution path: the devices' own unless given (an export for another platform)
         self.net = networks.build(config.model, backend=backend, devices=self.devices)
         self.objective = IMMObjective.from_config(config.imm, num_classes=config.model.num_classes)
         self.num_classes = int(config.model.num_classes)
-        mesh = Mesh(np.asarray(self.devices), ("data",))
-        self._replicated = NamedSharding(mesh, P())
-        self._batch_sharding = NamedSharding(mesh, P("data"))
-        self.params = jax.device_put(params, self._replicated)
+        if mesh is None:
+            mesh = Mesh(np.asarray(self.devices), ("data",))
+            self._replicated = NamedSharding(mesh, P())
+            self._params_sharding, self._batch_sharding = self._replicated, NamedSharding(mesh, P("data"))
+            self._batch_multiple = len(self.devices)
+        else:  # a global mesh: numpy inputs must be replicated; the output is replicated for every host
+            self._replicated = NamedSharding(mesh, P())
+            self._params_sharding, self._batch_sharding = None, self._replicated
+            self._batch_multiple = int(mesh.shape.get("data", 1))
+        self.params = None if params is None else jax.device_put(params, self._params_sharding or self._replicated)
         self.shape = (int(config.model.image_size),) * 2 + (int(config.model.in_channels),)
         self._programs = {}
         self.num_compiles = 0
@@ -106,7 +117,7 @@ class Sampler:
 
             rep, bat = self._replicated, self._batch_sharding
             labels_sharding = None if self.num_classes == 0 else bat
-            shardings = (rep, rep, labels_sharding, rep, rep) + ((rep,) if tuned else ())
+            shardings = (self._params_sharding, rep, labels_sharding, rep, rep) + ((rep,) if tuned else ())
             self._programs[key] = jax.jit(run, in_shardings=shardings, out_shardings=bat)
         return self._programs[key]
 
@@ -138,12 +149,16 @@ class Sampler:
     def generate(self, rng, labels=None, *, steps: int = 1, grid: str = "uniform",
                  mid_etas: Optional[Sequence[float]] = None, sampler: Optional[str] = None,
                  cfg_scale: Optional[float] = None, batch_size: Optional[int] = None,
-                 tuned: Optional[bool] = None):
+                 tuned: Optional[bool] = None, params=None):
         """One batch in model space: float32 (B, H, W, C). B = len(labels) or batch_size.
 
         tuned: None uses the loaded tuned time embeddings if any were loaded (then one must match the
         sampler, steps and grid, else ValueError), True requires them, False samples without them.
+        params: EMA params to use instead of the loaded ones.
         """
+        params = self.params if params is None else params
+        if params is None:
+            raise ValueError("this Sampler holds no params: pass params=...")
         sampler = self.check_sampler(sampler)
         if self.num_classes == 0 and labels is not None:
             raise ValueError("this model is unconditional (num_classes = 0): pass labels=None.")
@@ -152,8 +167,7 @@ class Sampler:
         batch = len(labels) if labels is not None else int(batch_size or 0)
         if batch < 1:
             raise ValueError("empty batch: pass labels or batch_size >= 1.")
-        n_dev = len(self.devices)
-        padded = math.ceil(batch / n_dev) * n_dev
+        padded = math.ceil(batch / self._batch_multiple) * self._batch_multiple
         if labels is not None:
             labels = np.asarray(labels, np.int32)
             if labels.min() < 0 or labels.max() > self.num_classes:
@@ -164,18 +178,17 @@ class Sampler:
         extra = (self.tuned_for(steps, grid, mid_etas, sampler).offsets,) if use_tuned else ()
         program = self._program(steps, padded, sampler, guided, use_tuned)
         t_grid = np.asarray(self.time_grid(steps, grid, mid_etas), np.float32)
-        out = program(self.params, rng, labels, t_grid, np.float32(cfg_scale if guided else 1.0), *extra)
+        out = program(params, rng, labels, t_grid, np.float32(cfg_scale if guided else 1.0), *extra)
         return out[:batch]
 
     # -- decoding ---------------------------------------------------------------------------------------
 
     def decode(self, x) -> np.ndarray:
         """Model-space samples -> uint8 (N, H, W, C); latent models decode through the SD-VAE."""
+        x = np.asarray(x)  # (a replicated global array in multi-process sampling)
         if self.config.data.get("source", "") == "latents":
             return self._decode_latents(x)
-        img = np.asarray(jnp.clip(jnp.asarray(x) * 127.5 + 128.0, 0, 255)).astype(np.uint8)
-        pad = int(self.config.data.get("pad", 0) or 0)
-        return img[:, pad:img.shape[1] - pad, pad:img.shape[2] - pad] if pad else img
+        return images.to_uint8(x, int(self.config.data.get("pad", 0) or 0))
 
     def _decode_latents(self, x) -> np.ndarray:
         from imm_jax import vae
@@ -195,12 +208,14 @@ class Sampler:
                  sampler: Optional[str] = None, grid: Optional[str] = None,
                  mid_etas: Optional[Sequence[float]] = None, cfg_scale: Optional[float] = None,
                  labels=None, seed: int = 0, batch_size: Optional[int] = None, start: int = 0,
-                 progress: bool = False, return_labels: bool = False, tuned: Optional[bool] = None):
+                 progress: bool = False, return_labels: bool = False, tuned: Optional[bool] = None,
+                 params=None):
         """num_samples uint8 images (N, H, W, C); see `sample` for the arguments.
 
         start: index of the first sample (resuming a long run in chunks gives identical samples).
         return_labels: also return the (N,) int32 class labels used (-1 for unconditional models).
         tuned: use the loaded tuned time embeddings (None: if any are loaded; see `generate`).
+        params: EMA params to use instead of the loaded ones (the training loop passes its current EMA).
         """
         opts = resolve_options(self.config, preset=preset, steps=steps, grid=grid, mid_etas=mid_etas,
                                cfg_scale=cfg_scale)
@@ -224,7 +239,7 @@ class Sampler:
                 if labels is not None:
                     lab[keep] = labels[idx[keep] - start]
             x = self.generate(jax.random.fold_in(base, first // bs), lab, batch_size=bs, sampler=sampler,
-                              tuned=tuned, **opts)
+                              tuned=tuned, params=params, **opts)
             out.append(self.decode(x)[keep])
             used.append(lab[keep] if lab is not None else np.full(int(keep.sum()), -1, np.int32))
             if progress:

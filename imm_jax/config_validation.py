@@ -1,6 +1,8 @@
 """Start-up validation of a training config. Every error says what is wrong and what to change."""
 from __future__ import annotations
 
+import os
+
 from imm_jax.optim import OPTIMIZERS
 from imm_jax.input_pipeline import SOURCES
 
@@ -127,6 +129,11 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
         errors.append("config.train.eval_every moved to config.eval.every (FID during training; see "
                       "imm_jax/evaluation/in_training.py).")
     errors.extend(_eval_errors(config))
+    vae_path = str(config.get("vae", {}).get("path", "") or "")
+    if vae_path and not os.path.isfile(os.path.join(vae_path, "config.json")):
+        errors.append(f"config.vae.path={vae_path!r} is not a local diffusers VAE directory (no config.json there); "
+                      "give the directory holding config.json and diffusion_pytorch_model.safetensors "
+                      "(nothing is downloaded), or leave it empty.")
     for n in ("steps",):
         for s in tuple(config.sample[n]):
             if int(s) < 1:
@@ -137,7 +144,6 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
 
 def _eval_errors(config) -> list[str]:
     """config.eval (optional): FID during training."""
-    import os
     from imm_jax.evaluation.in_training import REFERENCE_SOURCES
     ev = config.get("eval", None)
     if ev is None or not int(ev.get("every", 0) or 0):
@@ -156,9 +162,14 @@ def _eval_errors(config) -> list[str]:
         errors.append(f"config.eval.steps={tuple(ev.steps)}: give one or more step counts >= 1, e.g. (1, 2).")
     ref_stats = ev.get("ref_stats", "") or ""
     if config.data.source == "latents":
-        errors.append("config.eval.every > 0 is not supported for latent models (the trainer does not decode "
-                      "through the VAE); set --config.eval.every=0 and evaluate exported samples with "
-                      "python -m imm_jax.evaluation.")
+        if not str(config.get("vae", {}).get("path", "") or ""):
+            errors.append("config.eval.every > 0 for a latent model needs config.vae.path (a local diffusers SD-VAE "
+                          "directory) to decode samples; set it, or --config.eval.every=0 and evaluate exported "
+                          "samples with python -m imm_jax.evaluation.")
+        if not (ref_stats and os.path.isfile(ref_stats)):
+            errors.append(f"config.eval.ref_stats={ref_stats!r} does not exist: a latent model's reference images "
+                          "cannot be read from its latents; make the statistics of the real images with "
+                          "python -m imm_jax.evaluation stats.")
     elif not (ref_stats and os.path.isfile(ref_stats)) and config.data.source not in REFERENCE_SOURCES:
         errors.append(f"config.eval.ref_stats={ref_stats!r} does not exist and reference images cannot be read from "
                       f"data.source={config.data.source!r}; make them with python -m imm_jax.evaluation stats.")

@@ -10,7 +10,6 @@ scalars, written without TensorFlow), samples/*.png (1/2/4-step grids from fixed
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import math
@@ -25,6 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from imm_jax import api
 from imm_jax import checkpointing
 from imm_jax import config_validation
 from imm_jax import images
@@ -178,48 +178,6 @@ class MetricWriter:
 
 # ----------------------------------------------------------------------------- sample grids
 
-class GridSampler:
-    """Few-step samples from fixed noise and labels, one jit per step count (compiled once, reused).
-
-    steps: step counts (default config.sample.steps); num_samples: batch (default config.sample.grid_size).
-    `sampler(params)` -> {steps: float (n, H, W, C)}; `sampler.one(steps, params, key, labels)` -> one batch.
-    """
-
-    def __init__(self, config, net, objective, num_samples: int | None = None, steps=None):
-        from imm_jax import sampling
-        self.config = config
-        m, imm, smp = config.model, config.imm, config.sample
-        self.num_classes = int(m.num_classes)
-        n = int(num_samples or smp.get("grid_size", 64))
-        self.shape = (n, int(m.image_size), int(m.image_size), int(m.in_channels))
-        self.labels = (jnp.arange(n, dtype=jnp.int32) % self.num_classes) if self.num_classes else None
-        self.key = jax.random.PRNGKey(int(smp.get("seed", 42)))
-        cfg_scale = float(smp.cfg_scale) if self.num_classes else None
-        self.fns = {}
-        for steps in tuple(steps or smp.steps):
-            grid = sampling.time_grid(smp.grid, int(steps), schedule=imm.schedule, t_min=float(imm.t_min),
-                                      t_max=float(imm.t_max), mid_etas=_mid_etas(smp, int(steps)))
-            self.fns[int(steps)] = jax.jit(functools.partial(
-                sampling.generate, net, shape=self.shape, objective=objective, grid=grid,
-                cfg_scale=cfg_scale, sampler=smp.get("sampler", "pushforward")))
-
-    def one(self, steps: int, params, key, labels=None) -> np.ndarray:
-        return np.asarray(jax.device_get(self.fns[steps](params, key, labels=labels)))
-
-    def __call__(self, params) -> dict[int, np.ndarray]:
-        return {steps: self.one(steps, params, self.key, self.labels) for steps in self.fns}
-
-
-def _mid_etas(sample_config, steps: int):
-    """config.sample.mid_etas.s<N> = (eta_1, ..., eta_{N-1}) for the "etas" grid with N steps, else None."""
-    table = sample_config.get("mid_etas", None)
-    if table is None:
-        return None
-    table = table.to_dict() if hasattr(table, "to_dict") else dict(table)
-    v = table.get(f"s{steps}", None)
-    return None if v is None else tuple(float(e) for e in v)
-
-
 # ----------------------------------------------------------------------------- loop
 
 class _Preemption:
@@ -362,18 +320,21 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
     schedule = LoopSchedule.from_config(config)
     num_steps, log_every = schedule.num_steps, schedule.log_every
     writer = MetricWriter(workdir, is_host0)
+    # One Sampler for the grids and the in-training FID, over the trainer's mesh (every process calls it: the
+    # program is global); latent models decode through the VAE at config.vae.path, without it they get no grids.
+    latent = config.data.source == "latents"
+    vae_path = str(config.get("vae", {}).get("path", "") or "")
+    sampler = api.Sampler(config, mesh=trainer.mesh, vae_path=vae_path or None)
     fid_monitor = None
     if schedule.eval_every:
         from imm_jax.evaluation import in_training
-        fid_monitor = in_training.TrainingFID(
-            config, workdir, lambda n, batch: functools.partial(
-                GridSampler(config, trainer.net, trainer.objective, num_samples=batch, steps=(n,)).one, n),
-            extractor=fid_extractor, is_host0=is_host0)
-    # grids on host 0 (every host in multi-process runs: the program is global); latent models need the VAE
-    # to decode, so their samples are evaluated from exported files instead.
-    sampler = None
-    if schedule.sample_every and config.data.source != "latents" and (is_host0 or jax.process_count() > 1):
-        sampler = GridSampler(config, trainer.net, trainer.objective)
+        fid_monitor = in_training.TrainingFID(config, workdir, sampler, extractor=fid_extractor, is_host0=is_host0)
+    grids = bool(schedule.sample_every) and (not latent or bool(vae_path))
+    if schedule.sample_every and not grids and is_host0:
+        print("No sample grids: a latent model needs config.vae.path (a local diffusers SD-VAE directory) to "
+              "decode them.", flush=True)
+    grid_n = int(config.sample.get("grid_size", 64))
+    grid_labels = np.arange(grid_n, dtype=np.int32) % sampler.num_classes if sampler.num_classes else None
     sample_ema_index = _sample_ema_index(config)
     n_params = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(trainer.abstract_state.params))
     if is_host0:
@@ -407,15 +368,15 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         ckpt.save(step, main_item, ema_item, config, input_pipeline.data_position(pipeline, step))
 
     def sample(step: int, st):
-        if sampler is None:
+        if not grids:
             return
-        outs = sampler(st.ema[sample_ema_index])
-        if is_host0:
-            os.makedirs(os.path.join(workdir, "samples"), exist_ok=True)
-            ncol = int(math.ceil(math.sqrt(sampler.shape[0])))
-            for n_steps, imgs in outs.items():
-                images.save_png(os.path.join(workdir, "samples", f"step{step:08d}_{n_steps}step.png"),
-                                images.make_grid(images.to_uint8(imgs), ncol))
+        ema = st.ema[sample_ema_index]
+        for n_steps in config.sample.steps:
+            imgs = sampler(grid_n, steps=int(n_steps), labels=grid_labels, seed=int(config.sample.get("seed", 42)),
+                           batch_size=grid_n, params=ema)
+            if is_host0:
+                images.save_png(os.path.join(workdir, "samples", f"step{step:08d}_{int(n_steps)}step.png"),
+                                images.make_grid(imgs, int(math.ceil(math.sqrt(grid_n)))))
 
     def evaluate(step: int, st):
         flush(step)

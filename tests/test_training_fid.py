@@ -13,7 +13,7 @@ import pytest
 import scipy.linalg
 
 import imm_jax
-from imm_jax import config_validation, images, input_pipeline, losses, sampling, train
+from imm_jax import api, config_validation, images, input_pipeline, losses, sampling, train
 from imm_jax.evaluation import in_training
 from test_config import load
 
@@ -71,7 +71,9 @@ def test_fid_during_training_is_logged_and_matches_a_numpy_recomputation(tmp_pat
     assert os.path.isfile(tmp_path / "fid_ref_stats.npz")
 
     # The samples: the fastest EMA (as the training grids), the configured sampler/grid/CFG, 12 of them in
-    # batches of 8 with labels and noise from config.eval.seed; recomputed here through sampling.generate.
+    # batches of 8 with noise and labels from config.eval.seed by imm_jax.sample's convention (batch i: noise
+    # from fold_in(key(seed), i), labels from fold_in(fold_in(key(seed), 2**31 - 1), i)); recomputed here
+    # through sampling.generate.
     params = out["state"].ema[1]  # ema_decays (0.9, 0.5): the fastest
     net, objective = train.build_network(c), train.build_objective(c)
     base = jax.random.key(int(c.eval.seed))
@@ -80,13 +82,37 @@ def test_fid_during_training_is_logged_and_matches_a_numpy_recomputation(tmp_pat
         imgs = []
         for i in range(2):
             key = jax.random.fold_in(base, i)
-            labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (8,), 0, 10), np.int32)
+            labels = np.asarray(jax.random.randint(jax.random.fold_in(jax.random.fold_in(base, 2**31 - 1), i),
+                                                   (8,), 0, 10), np.int32)
             x = sampling.generate(net, params, key, (8, 8, 8, 1), objective=objective, grid=grid, labels=labels,
                                   cfg_scale=float(c.sample.cfg_scale), sampler="pushforward")
             imgs.append(np.clip(np.asarray(x) * 127.5 + 128.0, 0, 255).astype(np.uint8))
         imgs = np.concatenate(imgs)[:12]
         want = numpy_fid(extractor(imgs), extractor(ref_imgs))
         np.testing.assert_allclose(rows[1][f"fid_{steps}step"], want, rtol=1e-6)
+
+
+def test_in_training_samples_are_what_imm_jax_sample_draws(tmp_path):
+    """One convention: the monitor's samples (trainer mesh, params passed per call) equal the public
+    Sampler's from the same params, seed and batch size; with random params, so labels and noise matter."""
+    c = fid_config()
+    trainer = train.Trainer(c)
+    leaves, tree = jax.tree.flatten(trainer.init().params)
+    rng = np.random.default_rng(0)
+    params = jax.tree.unflatten(tree, [np.asarray(a) + 0.3 * rng.normal(size=a.shape).astype(np.float32)
+                                       for a in leaves])
+    monitor = in_training.TrainingFID(c, str(tmp_path), api.Sampler(c, mesh=trainer.mesh),
+                                      extractor=ProjectionExtractor(8 * 8 * 1))
+    public = api.Sampler(c, params)
+    for steps in (1, 2):
+        got = monitor.samples(jax.device_put(params, trainer.state_shardings.params), steps)
+        want = public(12, steps=steps, seed=int(c.eval.seed), batch_size=8)
+        assert got.shape == (12, 8, 8, 1) and got.dtype == np.uint8
+        # the trainer's mesh shards params and batch differently: float rounding may move a pixel by one level
+        diff = np.abs(got.astype(np.int16) - want)
+        assert diff.max() <= 1 and np.mean(diff > 0) < 0.01, (diff.max(), np.mean(diff > 0))
+    other = public(12, steps=1, seed=int(c.eval.seed), batch_size=8, labels=[3] * 12)
+    assert np.mean(other != monitor.samples(params, 1)) > 0.1  # the labels drawn matter
 
 
 def test_reference_images_crop_nothing_and_read_the_test_split(tmp_path):
@@ -120,8 +146,9 @@ def test_eval_config_errors_say_what_to_fix():
     c.eval.every = 5
     c.data.source = "latents"
     c.data.path = "/nonexistent"
-    with pytest.raises(config_validation.ConfigError, match="not supported for latent models"):
+    with pytest.raises(config_validation.ConfigError) as e:
         config_validation.validate(c, num_devices=1)
+    assert "needs config.vae.path" in str(e.value) and "cannot be read from its latents" in str(e.value)
     c = load("tiny")
     c.train.eval_every = 5
     with pytest.raises(config_validation.ConfigError, match="moved to config.eval.every"):

