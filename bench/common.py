@@ -18,12 +18,9 @@ KEEP_FREED_MEMORY = host_memory.keep_freed_memory()
 
 
 def load_config(name: str, arg=None):
-    """configs/<name>.py's get_config(arg), loaded by path (bench scripts run from any directory)."""
-    import importlib.util
-    spec = importlib.util.spec_from_file_location(f"configs_{name}", os.path.join(ROOT, "configs", f"{name}.py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg)
+    """configs/<name>.py's get_config(arg) (the installed copy: bench scripts run from any directory)."""
+    from imm_jax import config_files
+    return config_files.load(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
 def set_cpu_devices(n: int):

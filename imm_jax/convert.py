@@ -52,16 +52,14 @@ Mapping table (torch name -> imm_jax param path; layout change):
 from __future__ import annotations
 
 import argparse
-import importlib.util
-import os
 import re
 import sys
-from pathlib import Path
 from typing import Any, Iterable
 
 import numpy as np
 import safetensors.numpy
 
+from imm_jax import config_files
 from imm_jax.io import torch_pickle
 
 # ------------------------------------------------------------------------------------ reading
@@ -247,23 +245,11 @@ KINDS = {
 }
 
 
-def load_config(spec: str):
-    """Loads `path.py[:arg]` and returns its get_config(arg)."""
-    path, _, arg = spec.partition(":")
-    if not os.path.exists(path):
-        raise FileNotFoundError(f"config file {path} not found; pass --config path/to/config.py[:args]")
-    mod_spec = importlib.util.spec_from_file_location(f"_imm_config_{Path(path).stem}", path)
-    module = importlib.util.module_from_spec(mod_spec)
-    mod_spec.loader.exec_module(module)
-    return module.get_config(arg or None)
-
-
 def default_config_spec(kind: str) -> str:
     if kind not in KINDS:
         raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
     filename, arg = KINDS[kind]
-    path = Path(__file__).resolve().parents[1] / "configs" / filename
-    return f"{path}:{arg}" if arg else str(path)
+    return f"configs/{filename}:{arg}" if arg else f"configs/{filename}"
 
 
 def convert(input_path: str, output: str, config, *, prefix: str = "auto", ignore=(), entry: str = "ema"):
@@ -290,7 +276,7 @@ def main(argv=None):
     args = parser.parse_args(argv)
     if not args.config and not args.kind:
         parser.error("give --kind (cifar10|im256_ts_a2|im256_s_a1) or --config")
-    config = load_config(args.config or default_config_spec(args.kind))
+    config = config_files.load(args.config or default_config_spec(args.kind))
     path = convert(args.input, args.output, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry)
     print(f"wrote {path} (model {config.model.name})")
 

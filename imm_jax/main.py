@@ -18,14 +18,13 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                               "fashion_mnist.py")
+from imm_jax import config_files
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
-    "config", _DEFAULT_CONFIG if os.path.exists(_DEFAULT_CONFIG) else None,
-    "Config file (configs/X.py[:args]). Default: configs/fashion_mnist.py (the embedded default).",
-    lock_config=True)
+    "config", config_files.resolve("configs/fashion_mnist.py"),
+    "Config file (configs/X.py[:args]; the installed configs are found from any directory). Default: "
+    "configs/fashion_mnist.py (the embedded default).", lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory for checkpoints, metrics, samples and the resolved config.")
 flags.DEFINE_enum("mode", "train", ["train", "sample", "tune"],
                   "train: train (resuming if workdir has checkpoints). sample: write samples from the latest "
@@ -119,5 +118,13 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _parse_flags(argv):
+    try:
+        argv = config_files.resolve_argv(argv)
+    except FileNotFoundError as e:
+        raise SystemExit(f"error: --config: {e}") from None
+    return app.parse_flags_with_usage(argv)
+
+
 if __name__ == "__main__":
-    app.run(main)
+    app.run(main, flags_parser=_parse_flags)

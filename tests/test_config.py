@@ -1,19 +1,15 @@
 """Configs load, and start-up validation rejects bad configs with messages that say what to change."""
-import importlib.util
 import os
 
 import pytest
 
-from imm_jax import config_validation
+from imm_jax import config_files, config_validation
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 
 
 def load(name, arg=None):
-    spec = importlib.util.spec_from_file_location(f"cfg_{name}", os.path.join(CONFIG_DIR, name + ".py"))
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod.get_config(arg) if arg is not None else mod.get_config()
+    return config_files.load(f"{CONFIG_DIR}/{name}.py" + (f":{arg}" if arg is not None else ""))
 
 
 @pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "imagenet256", "cifar10"])
@@ -105,3 +101,41 @@ def test_validation_collects_all_errors():
     with pytest.raises(config_validation.ConfigError) as e:
         config_validation.validate(c, num_devices=8)
     assert "particles=4" in str(e.value) and "config.imm.kernel='gauss'" in str(e.value)
+
+
+@pytest.mark.parametrize("name,arg", [("tiny", None), ("fashion_mnist", None), ("fashion_mnist", "fm"),
+                                      ("cifar10", None), ("imagenet256", "variant=XL/2,a=2,temb=stride")])
+def test_configs_override_the_base_schema(name, arg):
+    """Every experiment config is configs/base.py with values changed: the same sections and fields (vae is the
+    latent models' optional extra), and the same type for each field."""
+    from imm_jax.configs import base
+    c, b = load(name, arg), base.get_config(load(name, arg).model)
+    assert set(c.keys()) - {"vae"} == set(b.keys())
+    for section in b.keys():
+        if section in ("seed", "model"):
+            continue
+        assert set(c[section].keys()) == set(b[section].keys()), section
+        for k in b[section].keys():
+            want = b[section].get_type(k) if hasattr(b[section], "get_type") else type(b[section][k])
+            assert c[section][k] is None or isinstance(c[section][k], (want, int) if want is float else want), \
+                (section, k)
+
+
+def test_config_args_and_paths_say_what_is_wrong(tmp_path, monkeypatch):
+    with pytest.raises(ValueError, match=r"fashion_mnist.py: objective='dit': use one of \('imm', 'fm'\)"):
+        load("fashion_mnist", "dit")
+    with pytest.raises(ValueError, match=r"unknown argument 'size'"):
+        load("imagenet256", "size=XL")
+    with pytest.raises(ValueError, match=r"must be key=value"):
+        load("imagenet256", "XL/2")
+    assert load("fashion_mnist", "objective=fm").imm.objective == "fm"
+    # From another directory, configs/NAME.py is the installed copy; a missing one lists what exists.
+    monkeypatch.chdir(tmp_path)
+    assert config_files.load("configs/tiny.py").model.image_size == 8
+    assert config_files.resolve("tiny").startswith(config_files.CONFIG_DIR)
+    with pytest.raises(FileNotFoundError, match=r"configs/cifar10.py, configs/fashion_mnist.py"):
+        config_files.resolve("configs/cifar100.py")
+    (tmp_path / "mine.py").write_text("from imm_jax.configs import tiny\nget_config = tiny.get_config\n")
+    assert config_files.resolve("mine.py:x") == "mine.py:x"  # an existing file is used as given
+    assert config_files.resolve_argv(["prog", "--config", "tiny", "--config.seed=3"]) == [
+        "prog", "--config", config_files.resolve("tiny"), "--config.seed=3"]

@@ -16,7 +16,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imm_jax import convert, networks
+from imm_jax import config_files, convert, networks
 from imm_jax.networks import unet as unet_lib
 
 SQ = math.sqrt(0.5)
@@ -596,12 +596,12 @@ def _repo_configs():
 def test_kinds_resolve_to_configs():
     for kind, (name, variant) in [("cifar10", ("unet", None)), ("im256_ts_a2", ("dit", "XL/2")),
                                   ("im256_s_a1", ("dit", "XL/2"))]:
-        cfg = convert.load_config(convert.default_config_spec(kind))
+        cfg = config_files.load(convert.default_config_spec(kind))
         assert cfg.model.name == name
         if variant:
             assert cfg.model.variant == variant and cfg.model.num_classes == 1000
-    assert convert.load_config(convert.default_config_spec("im256_ts_a2")).imm.temb == "stride"
-    assert convert.load_config(convert.default_config_spec("im256_s_a1")).imm.temb == "s"
+    assert config_files.load(convert.default_config_spec("im256_ts_a2")).imm.temb == "stride"
+    assert config_files.load(convert.default_config_spec("im256_s_a1")).imm.temb == "s"
 
 
 def test_real_torch_files_read_identically(tmp_path):
