@@ -9,10 +9,10 @@ import subprocess
 import sys
 import time
 
-from imm_jax import host_memory
+from imm_jax.kernels import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Benchmarks measure what the entry points run with (imm_jax/host_memory.py); IMM_JAX_KEEP_FREED_MEMORY=0
+# Benchmarks measure what the entry points run with (imm_jax/kernels/host_memory.py); IMM_JAX_KEEP_FREED_MEMORY=0
 # measures glibc's defaults instead.
 KEEP_FREED_MEMORY = host_memory.keep_freed_memory()
 

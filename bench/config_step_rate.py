@@ -17,7 +17,8 @@ def main(argv=None):
     args = p.parse_args(argv)
     import jax
     import numpy as np
-    from imm_jax import config_files, train
+    from imm_jax import config_files
+    from imm_jax.training import train
     for spec in args.configs:
         c = config_files.load(spec)
         tr = train.Trainer(c)

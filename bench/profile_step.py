@@ -48,7 +48,8 @@ def main():
     import jax.numpy as jnp
     import numpy as np
     import train_step as ts_bench
-    from imm_jax import mmd, train
+    from imm_jax.core import mmd
+    from imm_jax.training import train
 
     peak = common.matmul_peak_flops()
     print(f"matmul peak {peak / 1e9:.1f} GFLOP/s", flush=True)

@@ -4,7 +4,7 @@
         --run imm_m4=runs/repro/imm_m4:1,2,4,8 --run fm=runs/repro/fm:1,2,4,8,32,128 \\
         --tuned-run fm_tuned=runs/repro/fm:3,4,6,8
 
-`--tuned-run` samples with the tuned time embeddings saved beside the checkpoint (`imm_jax.tuning`, issue 8)
+`--tuned-run` samples with the tuned time embeddings saved beside the checkpoint (`imm_jax.inference.tuning`, issue 8)
 for each step count (an error if a step count has no tuned set) and records the tuning's cost and losses.
 
 Each run's checkpoint is sampled with `imm_jax.load` (the config's sampler: pushforward for IMM, Euler for
@@ -85,6 +85,6 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    from imm_jax import host_memory
+    from imm_jax.kernels import host_memory
     host_memory.keep_freed_memory()
     main()

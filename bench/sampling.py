@@ -1,4 +1,4 @@
-"""Benchmark: few-step IMM sampling through `imm_jax.api.Sampler`, images/s with and without CFG.
+"""Benchmark: few-step IMM sampling through `imm_jax.inference.api.Sampler`, images/s with and without CFG.
 
     python bench/sampling.py                                   # DiT-S/2 (32x32x4 latents), batch 16, 1/2/4/8 steps
     python bench/sampling.py --batch 32 --steps 1 2 --out bench/results/sampling.json
@@ -37,7 +37,8 @@ def main():
     common.set_cpu_devices(args.devices)
     import jax
     import numpy as np
-    from imm_jax import api, checkpointing, train
+    from imm_jax.inference import api
+    from imm_jax.training import checkpointing, train
 
     config = common.load_config("imagenet256", f"variant={args.variant}")
     config.data.source = "synthetic"

@@ -4,7 +4,7 @@
     python bench/toy_defects.py --defect r_equals_t --seeds 0 1 2
     python bench/toy_defects.py --defect none --seeds 0 1 2 3 4 5 6 7 8 9   # the unmodified loss
 
-Each defect is a textual edit of imm_jax/losses.py (or mmd.py) applied to a copy of the module's source; the
+Each defect is a textual edit of imm_jax/core/losses.py (or mmd.py) applied to a copy of the module's source; the
 copy is executed as a module and its `imm_loss` / `IMMObjective` train the toy of examples/toy2d.py through
 `run_check`, whose stats are compared with the test's bounds (`toy2d.BOUNDS`). The installed package is not
 modified. Prints one line per (defect, seed): the bounds broken, or "all bounds hold".

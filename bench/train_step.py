@@ -53,7 +53,7 @@ def compiled_step(model: str, batch_size: int, fused: bool):
     """
     import jax
     import numpy as np
-    from imm_jax import train
+    from imm_jax.training import train
 
     config = bench_config(model, batch_size, fused)
     trainer = train.Trainer(config)

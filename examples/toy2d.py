@@ -2,8 +2,8 @@
 
     python examples/toy2d.py --out toy2d.png            # about 2 minutes on a 2-core CPU
 
-Trains one IMM model (`imm_jax.losses.imm_loss`, pushforward sampler) and one flow-matching model
-(`imm_jax.losses.fm_loss`, Euler sampler) on the same MLP, data and optimiser, then draws IMM at 1/2/4
+Trains one IMM model (`imm_jax.core.losses.imm_loss`, pushforward sampler) and one flow-matching model
+(`imm_jax.core.losses.fm_loss`, Euler sampler) on the same MLP, data and optimiser, then draws IMM at 1/2/4
 steps beside flow matching at 1/4/64 steps, with the sliced Wasserstein-1 distance of each to fresh data
 and the fraction of samples that land on a mode. One Euler step of flow matching returns the conditional
 mean E[x | x_T], a single blob in the centre; one IMM step returns samples on the ring.
@@ -25,8 +25,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from imm_jax import losses, sampling
-from imm_jax.parameterization import Parameterization
+from imm_jax.core import losses, sampling
+from imm_jax.core.parameterization import Parameterization
 
 NUM_MODES = 8
 RADIUS = 0.7      # per-coordinate data std sqrt(RADIUS^2 / 2 + MODE_STD^2) = 0.5 = sigma_d

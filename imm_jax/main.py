@@ -73,7 +73,7 @@ def _init_distributed():
 
 def sample_main(workdir: str):
     """Per step count: <out>/<N>step/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
-    from imm_jax import api, export
+    from imm_jax.inference import api, export
     sampler = api.load(workdir, ema=FLAGS.ema, tuned=FLAGS.tuned or None)
     steps_list = tuple(FLAGS.steps or sampler.config.sample.steps)
     out = FLAGS.out or os.path.join(workdir, "samples_cli")
@@ -86,7 +86,9 @@ def sample_main(workdir: str):
 
 
 def tune_main(workdir: str):
-    from imm_jax import checkpointing, losses, sampling, tuning
+    from imm_jax.training import checkpointing
+    from imm_jax.core import losses, sampling
+    from imm_jax.inference import tuning
     config, _ = checkpointing.restore_for_sampling(workdir)
     sampler = FLAGS.tune_sampler or sampling.default_sampler(losses.objective_name(config))
     for n in tuple(FLAGS.steps or config.sample.steps):
@@ -106,7 +108,7 @@ def main(argv):
         raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
     if FLAGS.multihost:
         _init_distributed()
-    from imm_jax import host_memory
+    from imm_jax.kernels import host_memory
     host_memory.keep_freed_memory()  # CPU-only processes; after distributed init (it starts the backends)
     if FLAGS.mode == "sample":
         return sample_main(FLAGS.workdir)
@@ -114,7 +116,7 @@ def main(argv):
         return tune_main(FLAGS.workdir)
     if FLAGS.config is None:
         raise app.UsageError("--config=configs/X.py is required.")
-    from imm_jax import train
+    from imm_jax.training import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 

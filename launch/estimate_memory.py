@@ -59,7 +59,7 @@ def param_count(variant):
 
 def step_temp_bytes(config, batch):
     """XLA temp bytes of one compiled IMM loss+grad step at `batch` (CPU compile)."""
-    from imm_jax import losses
+    from imm_jax.core import losses
     net, params, x, y = _abstract(config, batch)
     objective = losses.IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
 

@@ -8,7 +8,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imm_jax import checkpointing
+from imm_jax.training import checkpointing
 
 
 def items(v):

@@ -3,7 +3,8 @@ import os
 
 import pytest
 
-from imm_jax import config_files, config_validation
+from imm_jax import config_files
+from imm_jax.training import config_validation
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "configs")
 

@@ -1,7 +1,7 @@
 """Official-checkpoint converter: key mapping, layouts vs NumPy forwards from torch-layout tensors, file readers.
 
 The synthetic state_dicts below are generated from the EDM SongUNet / DiT constructor logic (names and
-torch shapes), independently of imm_jax.convert's mapping code.
+torch shapes), independently of imm_jax.io.convert's mapping code.
 """
 import io
 import json
@@ -16,7 +16,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imm_jax import config_files, convert, networks
+from imm_jax import config_files, networks
+from imm_jax.io import convert
 from imm_jax.networks import unet as unet_lib
 
 SQ = math.sqrt(0.5)
@@ -558,7 +559,7 @@ def _write_safetensors(sd, path):
 
 
 def test_cli_npz_and_safetensors_to_sampling_checkpoint(tmp_path):
-    from imm_jax import checkpointing
+    from imm_jax.training import checkpointing
     sd = official_dit_state(np.random.RandomState(6), 8, 4, 32, 2, 2, 5)
     cfg_file = tmp_path / "cfg.py"
     cfg_file.write_text(

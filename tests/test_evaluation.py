@@ -20,7 +20,8 @@ import pytest
 import scipy.linalg
 
 from imm_jax import evaluation
-from imm_jax.evaluation import data, features, inception, metrics as fidlib, torchscript
+from imm_jax.evaluation import data, features, inception, metrics as fidlib
+from imm_jax.io import torchscript
 
 REFERENCE = os.path.join(os.path.dirname(__file__), "data", "inception_reference_features.npz")
 

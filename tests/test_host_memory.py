@@ -1,4 +1,4 @@
-"""imm_jax.host_memory: freed large blocks stay in the process, so re-allocating them costs no page faults."""
+"""imm_jax.kernels.host_memory: freed large blocks stay in the process, so re-allocating them costs no page faults."""
 import os
 import platform
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 PROBE = """
 import resource, sys
 import numpy as np
-from imm_jax import host_memory
+from imm_jax.kernels import host_memory
 applied = host_memory.keep_freed_memory()
 mib = int(sys.argv[1])
 def touch():

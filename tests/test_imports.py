@@ -86,16 +86,48 @@ def test_cycle_finder_finds_a_cycle():
 
 def test_package_has_no_import_cycles():
     modules = package_modules()
-    assert f"{PACKAGE}.api" in modules and f"{PACKAGE}.tuning" in modules
+    api, tuning = f"{PACKAGE}.inference.api", f"{PACKAGE}.inference.tuning"
+    assert api in modules and tuning in modules
     graph = import_graph(modules)
-    assert f"{PACKAGE}.api" in graph[f"{PACKAGE}.tuning"]  # the graph sees function- and module-level imports
+    assert api in graph[tuning]  # the graph sees function- and module-level imports
     assert cycles(graph) == [], "import cycles: " + "; ".join(" <-> ".join(c) for c in cycles(graph))
 
 
-@pytest.mark.parametrize("name", ["api", "tuning", "tuned_vectors"])
+@pytest.mark.parametrize("name", ["inference.api", "inference.tuning", "inference.tuned_vectors", "core.losses",
+                                  "training.train"])
 def test_modules_import_alone(name):
     import importlib
     import subprocess
     import sys
     subprocess.run([sys.executable, "-c", f"import {PACKAGE}.{name}"], check=True, cwd=ROOT)
     importlib.import_module(f"{PACKAGE}.{name}")
+
+
+def external_imports(path: str) -> set:
+    """Top-level names of the non-package modules a file imports anywhere (e.g. {'jax', 'orbax'})."""
+    out = set()
+    for node in ast.walk(ast.parse(open(path).read(), path)):
+        if isinstance(node, ast.Import):
+            out |= {a.name.split(".")[0] for a in node.names}
+        elif isinstance(node, ast.ImportFrom) and not node.level and node.module:
+            out.add(node.module.split(".")[0])
+    return out - {PACKAGE}
+
+
+def test_layout_dependency_rules():
+    """The layout's rules: core (the math) imports only jax/numpy/stdlib and core; networks never import core;
+    only training/checkpointing imports orbax; nothing imports main."""
+    modules = package_modules()
+    graph = import_graph(modules)
+    core = {m for m in modules if m.startswith(f"{PACKAGE}.core")}
+    assert {f"{PACKAGE}.core.losses", f"{PACKAGE}.core.sampling"} <= core
+    for m in sorted(core):
+        assert graph[m] <= core, f"{m} imports {sorted(graph[m] - core)} outside core"
+        assert external_imports(modules[m]) <= {"jax", "numpy", "__future__", "dataclasses", "functools", "math",
+                                                "typing", "collections"}, (m, external_imports(modules[m]))
+    for m in modules:
+        if m.startswith(f"{PACKAGE}.networks"):
+            assert not graph[m] & core, f"{m} imports {sorted(graph[m] & core)}"
+        if m != f"{PACKAGE}.training.checkpointing":
+            assert "orbax" not in external_imports(modules[m]), f"{m} imports orbax"
+        assert f"{PACKAGE}.main" not in graph[m], f"{m} imports main"

@@ -8,8 +8,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-from imm_jax import input_pipeline as ip
-from imm_jax import sharding as sh
+from imm_jax.training import input_pipeline as ip
+from imm_jax.training import sharding as sh
 
 
 def write_idx(path, array):

@@ -4,7 +4,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from imm_jax import interpolants as I
+from imm_jax.core import interpolants as I
 
 RNG = np.random.default_rng(0)
 

@@ -7,8 +7,8 @@ import ml_collections
 import numpy as np
 import pytest
 
-import imm_jax.api
-from imm_jax import latents
+import imm_jax.inference.api
+from imm_jax.io import latents
 
 RAW_MEAN = np.array([0.86488, -0.27787343, 0.21616915, 0.3738409])
 RAW_STD = np.array([4.85503674, 5.31922414, 3.93725398, 3.9870003])
@@ -118,7 +118,7 @@ def test_sample_latents_formula():
 
 from PIL import Image  # noqa: E402
 
-from imm_jax import vae  # noqa: E402
+from imm_jax.networks import vae  # noqa: E402
 from imm_jax.tools import encode_latents  # noqa: E402
 
 TINY = vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
@@ -182,7 +182,7 @@ def test_encode_folder_end_to_end_and_resume(tmp_path, tiny_vae_dir, image_folde
     assert float(np.min(std)) > 0
 
     # The training input pipeline reads these shards: z = normalize(mean + std * eps), labels as stored.
-    from imm_jax import input_pipeline
+    from imm_jax.training import input_pipeline
     src = input_pipeline.LatentSource(out, num_classes=3)
     batch = src.get([6, 0, 3], np.random.default_rng(0))
     assert len(src) == 7 and batch["image"].shape == (3, 8, 8, 4) and batch["image"].dtype == np.float32
@@ -206,7 +206,9 @@ def test_encode_folder_end_to_end_and_resume(tmp_path, tiny_vae_dir, image_folde
 
 def test_latent_training_writes_decoded_grids(tmp_path, tiny_vae_dir, image_folder):
     """A latent model trained with config.vae.path gets sample grids decoded through the VAE (16x16 RGB)."""
-    from imm_jax import images, networks, train
+    from imm_jax.io import images
+    from imm_jax import networks
+    from imm_jax.training import train
     from test_config import load
     out = str(tmp_path / "lat")
     assert encode_latents.main(["--source=folder", f"--data_dir={image_folder}", f"--vae={tiny_vae_dir}",
@@ -223,7 +225,7 @@ def test_latent_training_writes_decoded_grids(tmp_path, tiny_vae_dir, image_fold
     grid = np.asarray(Image.open(tmp_path / "run" / "samples" / "step00000002_1step.png"))
     assert grid.shape == (2 * 17 + 1, 2 * 17 + 1, 3)  # 3 decoded 16x16 RGB images on a 2x2 grid, border 1
     # the grid holds what the public decoding of the same latents gives
-    sampler = imm_jax.api.Sampler(c, jax.device_get(result["state"].ema[1]), vae_path=tiny_vae_dir)
+    sampler = imm_jax.inference.api.Sampler(c, jax.device_get(result["state"].ema[1]), vae_path=tiny_vae_dir)
     want = sampler(3, steps=1, labels=np.arange(3) % 3, seed=42, batch_size=3)
     diff = np.abs(images.make_grid(want, 2).astype(np.int16) - grid)
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.01

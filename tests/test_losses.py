@@ -4,9 +4,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from imm_jax import interpolants, losses, mmd
-from imm_jax.losses import IMMObjective
-from imm_jax.parameterization import Parameterization
+from imm_jax.core import interpolants, losses, mmd
+from imm_jax.core.losses import IMMObjective
+from imm_jax.core.parameterization import Parameterization
 from tiny_net import TinyNet
 
 RNG = np.random.default_rng(3)

@@ -4,7 +4,7 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from imm_jax import mmd
+from imm_jax.core import mmd
 
 RNG = np.random.default_rng(2)
 

@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 import jax.numpy as jnp
 
-from imm_jax.parameterization import Parameterization
+from imm_jax.core.parameterization import Parameterization
 
 RNG = np.random.default_rng(1)
 CASES = [("identity", "fm"), ("identity", "cosine"), ("simple_edm", "fm"), ("simple_edm", "cosine"),

@@ -4,9 +4,9 @@ import pytest
 import jax
 import jax.numpy as jnp
 
-from imm_jax import interpolants, sampling
-from imm_jax.losses import IMMObjective, network_fn
-from imm_jax.parameterization import Parameterization
+from imm_jax.core import interpolants, sampling
+from imm_jax.core.losses import IMMObjective, network_fn
+from imm_jax.core.parameterization import Parameterization
 from tiny_net import TinyNet
 
 
@@ -125,7 +125,7 @@ def test_ideal_velocity_transports_exactly():
 
 def test_default_sampler_follows_objective():
     import ml_collections
-    from imm_jax.losses import objective_name
+    from imm_jax.core.losses import objective_name
     c = ml_collections.ConfigDict({"imm": {}})
     assert objective_name(c) == "imm"
     assert sampling.default_sampler(objective_name(c)) == "pushforward"

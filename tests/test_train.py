@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from imm_jax import checkpointing, input_pipeline, optim, sharding, train, train_state
+from imm_jax.training import checkpointing, input_pipeline, optim, sharding, train, train_state
 from test_config import load
 
 

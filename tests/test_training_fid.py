@@ -13,7 +13,10 @@ import pytest
 import scipy.linalg
 
 import imm_jax
-from imm_jax import api, config_validation, images, input_pipeline, losses, sampling, train
+from imm_jax.inference import api
+from imm_jax.training import config_validation, input_pipeline, train
+from imm_jax.io import images
+from imm_jax.core import losses, sampling
 from imm_jax.evaluation import in_training
 from test_config import load
 

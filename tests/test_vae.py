@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import safetensors.numpy
 
-from imm_jax import vae
+from imm_jax.networks import vae
 
 TINY = vae.VAEConfig(block_out_channels=(32, 64), layers_per_block=1, norm_num_groups=8)
 

@@ -104,6 +104,6 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    from imm_jax import host_memory
+    from imm_jax.kernels import host_memory
     host_memory.keep_freed_memory()
     main(sys.argv[1:])

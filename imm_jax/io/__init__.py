@@ -1,1 +1,2 @@
-"""Readers of files made by other frameworks: torch pickles (restricted, code-free)."""
+"""Files made by or for other tools: the restricted torch unpickler and TorchScript reader, the converter of
+official checkpoints (torch layouts -> imm_jax params), latent shards, PNG/uint8 images."""

@@ -301,7 +301,7 @@ def read_legacy(f) -> np.ndarray:
         arrays[str(key)] = np.frombuffer(buf, dtype=dtype).copy()
     if not isinstance(root, Lazy):  # the main pickle is a bare storage in what `_load_from_bytes` sees
         raise ValueError("legacy torch files holding more than a single storage are not supported; "
-                         "export a state_dict (see imm_jax.convert's docstring)")
+                         "export a state_dict (see imm_jax.io.convert's docstring)")
     return arrays[root.key]
 
 

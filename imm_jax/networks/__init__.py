@@ -5,14 +5,14 @@
     G = net.apply({"params": params}, x, t_in, s_in, labels=None, train=False, rngs=None)
 
 x: (B, H, W, C) float32 NHWC in model space. t_in, s_in: (B,) float32 time inputs (c_noise(t) = 1000 t
-and c_noise(s) or 1000 (t - s); see `imm_jax.parameterization`). labels: (B,) int32 class ids with index
+and c_noise(s) or 1000 (t - s); see `imm_jax.core.parameterization`). labels: (B,) int32 class ids with index
 `num_classes` = null class, or None when model.num_classes == 0. Dropout (UNet, train=True) draws from the
 rng stream "dropout". G: float32, x's shape.
 
 Models are chosen by `model.name` from the explicit `REGISTRY`; config helpers `dit_config` and
 `unet_config` return a complete `model` ConfigDict.
 
-Per-layer conditioning (time-embedding tuning, `imm_jax.tuning`): both modules take an optional
+Per-layer conditioning (time-embedding tuning, `imm_jax.inference.tuning`): both modules take an optional
 `cond_override` of shape (L, D) or (L, B, D), L = `net.num_cond_layers`, that gives every layer reading the
 shared conditioning vector its own time part instead (DiT: blocks then final layer, D = hidden_size, label
 embedding still added; UNet: every UNetBlock in call order, D = model_channels * channel_mult_emb,

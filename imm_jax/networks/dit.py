@@ -7,7 +7,7 @@ G(x, t_in, s_in, y) for NHWC latents:
   out    = FinalLayer(tokens, c) -> unpatchify -> (B, H, W, C) float32
 
 Sizes by name, `variant` = "{S,B,L,XL}/{2,4,8}"; explicit hidden_size/depth/num_heads/patch_size override.
-Param names mirror the official torch names so the converter is a table (see `imm_jax.convert`):
+Param names mirror the official torch names so the converter is a table (see `imm_jax.io.convert`):
   x_embedder.kernel (p, p, C, D) + bias; t_embedder/s_embedder.mlp_0|mlp_2; y_embedder.embedding_table
   (num_classes + 1, D); blocks_i.{attn.qkv, attn.proj, mlp.fc1, mlp.fc2, adaLN_modulation};
   final_layer.{adaLN_modulation, linear}.

@@ -17,7 +17,7 @@ resampling) -> + affine(emb) -> GroupNorm -> SiLU -> dropout -> conv1 (init x1e-
 when channels change or resampling) -> * skip_scale; optional self-attention (GroupNorm -> qkv 1x1 ->
 softmax(q k / sqrt(d)) v -> proj 1x1 (init x1e-5) -> residual -> * skip_scale).
 
-Layout of params (mirrors the torch names; see `imm_jax.convert`): top-level `map_label`, `map_layer0`,
+Layout of params (mirrors the torch names; see `imm_jax.io.convert`): top-level `map_label`, `map_layer0`,
 `map_layer1`, `map_layer0_s`, `map_layer1_s`; `enc_{R}x{R}_conv|_down|_block{i}|_aux_skip|_aux_residual`;
 `dec_{R}x{R}_in0|_in1|_up|_block{i}|_aux_norm|_aux_conv`; inside a block `norm0 conv0 affine norm1 conv1
 skip norm2 qkv proj`. Conv kernels are HWIO. The qkv kernel's 3C outputs are ordered (q|k|v, head,

@@ -8,7 +8,7 @@
         --vae=/models/sd-vae-ft-ema --out=/data/imagenet256_latents
 
 Each image gets the ADM centre crop to --resolution (no flip), goes through the VAE encoder, and its posterior
-mean and std (raw VAE units, (res/8, res/8, 4)) are stored with the label (format: `imm_jax.latents`).
+mean and std (raw VAE units, (res/8, res/8, 4)) are stored with the label (format: `imm_jax.io.latents`).
 Work is split into shards of --shard_size consecutive examples: host h of H encodes shards k with
 k % H == h (H, h default to jax.process_count()/process_index(); --multihost initialises jax.distributed),
 and each host runs its batches data-parallel over its local devices. Finished shards are skipped, so an
@@ -109,7 +109,7 @@ def _make_encoder(module, params, devices):
     """jit-compiled uint8 (B,H,W,3) -> (mean, std), batch sharded over `devices`, params replicated."""
     import jax
     from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
-    from imm_jax import vae
+    from imm_jax.networks import vae
     mesh = Mesh(np.asarray(devices), ("data",))
     batch_sharding = NamedSharding(mesh, P("data"))
     params = jax.device_put(params, NamedSharding(mesh, P()))
@@ -131,7 +131,7 @@ def encode_dataset(source, module, params, out: str, *, resolution: int = 256, b
     batch_size is the per-host batch (a multiple of the number of local devices).
     """
     import jax
-    from imm_jax import latents
+    from imm_jax.io import latents
     devices = list(devices or jax.local_devices())
     if batch_size % len(devices):
         raise ValueError(f"batch size {batch_size} must be a multiple of the {len(devices)} local devices.")
@@ -241,7 +241,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         jax.distributed.initialize()
     host_index = jax.process_index() if args.host_index is None else args.host_index
     num_hosts = jax.process_count() if args.num_hosts is None else args.num_hosts
-    from imm_jax import latents, vae
+    from imm_jax.io import latents
+    from imm_jax.networks import vae
 
     if args.source == "folder":
         if not args.data_dir:
@@ -257,7 +258,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         raise SystemExit(f"--resolution={args.resolution} must be a multiple of the VAE factor {f}.")
     metadata = dict(source.description, resolution=args.resolution, crop="adm_center_crop", flip=False,
                     vae=os.path.abspath(args.vae), vae_config=module.config.to_diffusers(),
-                    vae_dtype=args.vae_dtype, units="raw VAE posterior (normalise with imm_jax.vae)")
+                    vae_dtype=args.vae_dtype, units="raw VAE posterior (normalise with imm_jax.networks.vae)")
     if args.finalize_only:
         ok = latents.finalize(args.out, len(source), args.shard_size, metadata)
         print("wrote index.json" if ok else "some shards are still missing; index.json not written", flush=True)

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import os
 
-from imm_jax.optim import OPTIMIZERS
-from imm_jax.input_pipeline import SOURCES
+from imm_jax.training.optim import OPTIMIZERS
+from imm_jax.training.input_pipeline import SOURCES
 
 REQUIRED = {
     "": ("seed", "model", "imm", "data", "optim", "train", "mesh", "sample"),

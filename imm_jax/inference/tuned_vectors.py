@@ -1,4 +1,4 @@
-"""Tuned time embeddings as stored beside a checkpoint: what `imm_jax.tuning` makes and `imm_jax.api` samples with.
+"""Tuned time embeddings as stored beside a checkpoint: what `imm_jax.inference.tuning` makes and `imm_jax.inference.api` samples with.
 
 A set holds, for one sampler and time grid, one conditioning vector per sampling step and per network layer
 (`TunedVectors`); `save` / `load` / `load_all` keep them in the checkpoint's step directory under tuned/<name>,
@@ -57,7 +57,7 @@ def select(tuned: Sequence[TunedVectors], sampler: str, grid) -> TunedVectors:
 
 def save(step_dir: str, tuned: TunedVectors, name: Optional[str] = None) -> str:
     """Saves beside the checkpoint in `step_dir` as tuned/<name> (default <sampler>_<N>step_<grid>)."""
-    from imm_jax import checkpointing
+    from imm_jax.training import checkpointing
     name = name or f"{tuned.meta['sampler']}_{tuned.meta['steps']}step_{tuned.meta['grid_kind']}"
     arrays = {"offsets": np.asarray(tuned.offsets, np.float32)}
     if tuned.vectors is not None:
@@ -67,7 +67,7 @@ def save(step_dir: str, tuned: TunedVectors, name: Optional[str] = None) -> str:
 
 def load(path: str) -> TunedVectors:
     """One set saved by `save` (its directory)."""
-    from imm_jax import checkpointing
+    from imm_jax.training import checkpointing
     arrays, meta = checkpointing.load_tuned(path)
     vectors = arrays.get("vectors")
     return TunedVectors(np.asarray(arrays["offsets"], np.float32),
@@ -76,5 +76,5 @@ def load(path: str) -> TunedVectors:
 
 def load_all(checkpoint: str, step: Optional[int] = None) -> list[TunedVectors]:
     """Every set stored beside the checkpoint that `imm_jax.load(checkpoint, step=step)` reads."""
-    from imm_jax import checkpointing
+    from imm_jax.training import checkpointing
     return [load(p) for p in checkpointing.list_tuned(checkpointing.sampling_step_dir(checkpoint, step))]

@@ -6,7 +6,7 @@ A latent directory holds, for every shard k (a contiguous range of example indic
     shard-{k:05d}.label.npy   (n,) int32 class labels
     shard-{k:05d}.json        written last: marks the shard complete (resumable writing)
 and, once every shard is complete, `index.json`:
-    {"format": "imm_jax.latents/v1", "num_examples": N, "shard_size": S, "latent_shape": [h, w, c],
+    {"format": "imm_jax.io.latents/v1", "num_examples": N, "shard_size": S, "latent_shape": [h, w, c],
      "storage_dtype": "float32", "shards": [{"name", "start", "count"}, ...], "metadata": {...}}
 Shard k covers examples [k*S, min((k+1)*S, N)). The reader memory-maps the .npy files, so
 random access costs one small read per example.
@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-FORMAT = "imm_jax.latents/v1"
+FORMAT = "imm_jax.io.latents/v1"
 INDEX_NAME = "index.json"
 STORAGE_DTYPES = ("float32", "float16")
 
@@ -185,7 +185,7 @@ def sample_latents(key, mean, std):
     """
     import jax
     import jax.numpy as jnp
-    from imm_jax.vae import normalize_latents
+    from imm_jax.networks.vae import normalize_latents
     mean = jnp.asarray(mean, jnp.float32)
     eps = jax.random.normal(key, mean.shape, jnp.float32)
     return normalize_latents(mean + jnp.asarray(std, jnp.float32) * eps)

@@ -17,8 +17,8 @@ from typing import Any, Optional
 import jax
 import jax.numpy as jnp
 
-from imm_jax import interpolants, mmd
-from imm_jax.parameterization import Parameterization
+from imm_jax.core import interpolants, mmd
+from imm_jax.core.parameterization import Parameterization
 
 MAPPINGS = ("eta", "t", "logsnr", "inv_eta")
 DROPOUT_KEYS = ("independent", "shared")

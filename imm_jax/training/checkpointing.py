@@ -157,7 +157,7 @@ def save_for_sampling(directory: str, params, config, *, step: int = 0) -> str:
     return os.path.join(directory, str(int(step)))
 
 
-# -- tuned conditioning vectors (imm_jax.tuning), stored beside a checkpoint --------------------------
+# -- tuned conditioning vectors (imm_jax.inference.tuning), stored beside a checkpoint --------------------------
 # <step_dir>/tuned/<name>/  orbax composite: vectors/ (StandardSave, a dict of (N, L, D) float32), meta/ (JSON).
 
 TUNED_DIR = "tuned"

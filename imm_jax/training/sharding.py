@@ -86,5 +86,5 @@ def process_batch_rows(sharding: NamedSharding, global_batch: int) -> tuple[int,
     covered = sum(b - a for a, b in {(a, b) for a, b in zip(starts, stops)})
     if covered != stop - start:
         raise ValueError("This process's devices do not hold a contiguous slice of the batch; "
-                         "build the mesh from jax.devices() in order (imm_jax.sharding.make_mesh).")
+                         "build the mesh from jax.devices() in order (imm_jax.training.sharding.make_mesh).")
     return start, stop

@@ -24,14 +24,14 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from imm_jax import api
-from imm_jax import checkpointing
-from imm_jax import config_validation
-from imm_jax import images
-from imm_jax import input_pipeline
-from imm_jax import optim
-from imm_jax import sharding as sharding_lib
-from imm_jax import train_state as ts
+from imm_jax.inference import api
+from imm_jax.training import checkpointing
+from imm_jax.training import config_validation
+from imm_jax.io import images
+from imm_jax.training import input_pipeline
+from imm_jax.training import optim
+from imm_jax.training import sharding as sharding_lib
+from imm_jax.training import train_state as ts
 
 
 # ----------------------------------------------------------------------------- model and loss
@@ -44,13 +44,13 @@ def build_network(config, devices=None, backend: str | None = None):
 
 
 def build_objective(config):
-    from imm_jax import losses
+    from imm_jax.core import losses
     return losses.IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
 
 
 def make_loss_fn(config, net, objective) -> Callable:
     """loss_fn(params, batch, key, step=None) -> (scalar loss, metrics dict); batch = dict(image, label)."""
-    from imm_jax import losses
+    from imm_jax.core import losses
     conditional = int(config.model.num_classes) > 0
 
     loss = losses.OBJECTIVES[losses.objective_name(config)]

@@ -8,7 +8,7 @@ A checkpoint is a training workdir, its `checkpoints/` directory, one step direc
     sampler = imm_jax.load("runs/fmnist")                                    # compile once, reuse
     grid1 = sampler(16, steps=1, labels=[0] * 16)
     grid8 = sampler(16, preset="imagenet-8step", ...)                       # presets mirror the paper
-    tuned = imm_jax.load("runs/fmnist", tuned=True)       # + time embeddings tuned by imm_jax.tuning
+    tuned = imm_jax.load("runs/fmnist", tuned=True)       # + time embeddings tuned by imm_jax.inference.tuning
     imgs = tuned(16, steps=2, labels=[0] * 16)            # error unless a set matches sampler/steps/grid
 
 Sampling runs data-parallel over all local devices (a 1-D mesh; params replicated); the batch is padded
@@ -25,8 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax import images, networks, sampling, tuned_vectors
-from imm_jax.losses import IMMObjective, objective_name
+from imm_jax.io import images
+from imm_jax import networks
+from imm_jax.core import sampling
+from imm_jax.inference import tuned_vectors
+from imm_jax.core.losses import IMMObjective, objective_name
 
 # The paper's sampler settings (spec §5, §7): CIFAR-10 unconditional, ImageNet-256 uniform grids, CFG 1.5.
 PRESETS = {
@@ -91,13 +94,13 @@ class Sampler:
         self.num_compiles = 0
         self._vae = None
         self._vae_path = vae_path
-        # Tuned time embeddings (imm_jax.tuned_vectors.TunedVectors), used for the matching sampler and grid.
+        # Tuned time embeddings (imm_jax.inference.tuned_vectors.TunedVectors), used for the matching sampler and grid.
         self.tuned = list(tuned or [])
 
     @classmethod
     def from_checkpoint(cls, checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = None,
                         vae_path: Optional[str] = None, tuned=None) -> "Sampler":
-        from imm_jax import checkpointing
+        from imm_jax.training import checkpointing
         config, emas = checkpointing.restore_for_sampling(checkpoint, step=step)
         key, params = _pick_ema(emas, ema, config)
         return cls(config, params, ema=key, vae_path=vae_path, tuned=_load_tuned(tuned, checkpoint, step))
@@ -191,7 +194,7 @@ class Sampler:
         return images.to_uint8(x, int(self.config.data.get("pad", 0) or 0))
 
     def _decode_latents(self, x) -> np.ndarray:
-        from imm_jax import vae
+        from imm_jax.networks import vae
         if self._vae is None:
             path = self._vae_path or self.config.get("vae", {}).get("path", "")
             if not path:
@@ -295,7 +298,7 @@ def load(checkpoint: str, *, ema: Optional[float] = None, step: Optional[int] = 
          vae_path: Optional[str] = None, tuned=None) -> Sampler:
     """Restore EMA params + config from `checkpoint` into a reusable `Sampler`.
 
-    tuned: True loads every set of tuned time embeddings saved beside the checkpoint (`imm_jax.tuning`);
+    tuned: True loads every set of tuned time embeddings saved beside the checkpoint (`imm_jax.inference.tuning`);
     a set's directory, a `TunedVectors` or a list of them also work. Sampling then uses the set made for
     the requested sampler/steps/grid and raises ValueError when none matches (pass tuned=False to the
     call to sample without them).

@@ -16,7 +16,8 @@ from typing import Optional
 
 import numpy as np
 
-from imm_jax import api, images
+from imm_jax.inference import api
+from imm_jax.io import images
 
 
 def export_samples(checkpoint: str, out_dir: str, num_samples: int, *, chunk_size: int = 1000,

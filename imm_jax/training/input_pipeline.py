@@ -15,7 +15,7 @@ Sources (config.data.source):
                  config.data.name (e.g. "cifar10"), config.data.split, data dir from config.data.path
                  or the TFDS_DATA_DIR environment variable.
   synthetic      random images/labels generated from the seed (tests, benchmarks).
-  latents        pre-computed SD-VAE posteriors (imm_jax.latents.LatentShards at config.data.path);
+  latents        pre-computed SD-VAE posteriors (imm_jax.io.latents.LatentShards at config.data.path);
                  z = mean + std * N(0, 1) drawn afresh on every use, then normalised.
 Pixels are scaled to [-1, 1]. Optional random horizontal flip (config.data.random_flip).
 """
@@ -31,7 +31,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from imm_jax import sharding as sharding_lib
+from imm_jax.training import sharding as sharding_lib
 
 FASHION_MNIST_DIRS = ("/usr/share/datasets/fashion-mnist",)
 FASHION_MNIST_FILES = {
@@ -161,7 +161,7 @@ class LatentSource:
     """Pre-encoded VAE posteriors; draws z = mean + std * N(0,1) per use and normalises (spec §6.3)."""
 
     def __init__(self, path: str, num_classes: int):
-        from imm_jax import latents
+        from imm_jax.io import latents
         self._latents = latents
         self.shards = latents.LatentShards(path)
         self.num_classes = num_classes

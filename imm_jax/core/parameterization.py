@@ -17,7 +17,7 @@ from typing import Callable, Optional
 
 import jax.numpy as jnp
 
-from imm_jax import interpolants
+from imm_jax.core import interpolants
 
 F_TYPES = ("identity", "simple_edm", "euler_fm")
 TEMB_TYPES = ("s", "stride")

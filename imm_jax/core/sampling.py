@@ -19,9 +19,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from imm_jax import interpolants
-from imm_jax.losses import IMMObjective, network_fn
-from imm_jax.parameterization import Parameterization
+from imm_jax.core import interpolants
+from imm_jax.core.losses import IMMObjective, network_fn
+from imm_jax.core.parameterization import Parameterization
 
 GRIDS = ("uniform", "edm", "etas")
 SAMPLERS = ("pushforward", "restart", "euler", "heun")
@@ -148,7 +148,7 @@ def generate(net, params, key, shape, *, objective: Union[IMMObjective, Paramete
       labels: (B,) int class ids or None; cfg_scale: guidance weight w (None = no guidance).
       noise: optional (B, H, W, C) x_T to use instead of drawing it from key.
       cond_override / cond_offset: optional (N, L, D) per-step, per-layer conditioning (tuned time
-        embeddings, see `imm_jax.tuning`): step i runs the network with cond_override=cond_override[i]
+        embeddings, see `imm_jax.inference.tuning`): step i runs the network with cond_override=cond_override[i]
         (replacing its time part) or cond_offset=cond_offset[i] (added to it). Samplers "pushforward" and
         "euler" only; at most one of the two.
     """

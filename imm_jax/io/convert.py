@@ -1,0 +1,285 @@
+"""Convert the released IMM weights (PyTorch) into an imm_jax sampling checkpoint.
+
+    python -m imm_jax.convert --input imagenet256_ts_a2.pkl --kind im256_ts_a2 --output ckpt/im256_ts_a2
+    python -m imm_jax.sample ...   # or imm_jax.sample("ckpt/im256_ts_a2", 16)
+
+Kinds (each picks the matching config; override with --config path.py[:args]):
+  cifar10       CIFAR-10 DDPM++ (`cifar10.pt`)                  configs/cifar10.py
+  im256_ts_a2   ImageNet-256 DiT-XL/2, t-s input, a=2           configs/imagenet256.py:variant=XL/2,a=2,temb=stride
+  im256_s_a1    ImageNet-256 DiT-XL/2, s input, a=1             configs/imagenet256.py:variant=XL/2,a=1,temb=s
+
+Inputs read WITHOUT torch and without executing anything from the file:
+  * EDM persistence pickles (the released `.pkl`/`.pt` files: a dict whose 'ema' entry is a pickled
+    torch module carrying its own source code). A restricted unpickler resolves only tensor-rebuild
+    functions, storages and OrderedDict; every other global (module classes, the persistence loader,
+    torch.device, ...) becomes an inert stand-in that just records its pickled state, so the embedded
+    source is never compiled or run. Tensors are rebuilt as NumPy from torch's storage records.
+  * torch.save zip files (e.g. a state_dict), read the same way.
+  * `.safetensors` and `.npz` files holding a flat state_dict.
+If a file ever defeats the reader, export a state_dict where the official repo is importable:
+    python -c "import pickle,torch,numpy as np; n=pickle.load(open('IN.pkl','rb'))['ema']; np.savez('OUT.npz', **{k: v.float().cpu().numpy() for k, v in n.state_dict().items()})"
+and convert OUT.npz (torch is only needed for that one line; it is never needed by imm_jax itself).
+
+Keys: the network may sit under a wrapper prefix (IMMPrecond's `model.`); `--prefix auto` strips the
+common prefix that makes the keys match. Every tensor must be consumed: a missing, unexpected or
+mis-shaped key is an error that names it (`--ignore REGEX` skips keys you have checked are irrelevant).
+
+Mapping table (torch name -> imm_jax param path; layout change):
+
+  DiT (imm_jax.networks.dit)
+    x_embedder.proj.weight (D,C,p,p)          x_embedder/kernel (p,p,C,D)           OIHW -> HWIO
+    x_embedder.proj.bias                        x_embedder/bias
+    pos_embed (1,N,D)                           (constant; checked equal to our 2-D sin-cos table)
+    {t,s}_embedder.mlp.{0,2}.weight (out,in)    {t,s}_embedder/mlp_{0,2}/kernel (in,out)  transpose
+    y_embedder.embedding_table.weight (K+1,D)   y_embedder/embedding_table            (row K = null)
+    blocks.i.attn.qkv|attn.proj|mlp.fc1|mlp.fc2.weight   blocks_i/attn/qkv|... /kernel   transpose
+    blocks.i.adaLN_modulation.1.weight          blocks_i/adaLN_modulation/kernel       transpose
+    final_layer.adaLN_modulation.1|linear.weight  final_layer/adaLN_modulation|linear/kernel  transpose
+    (all .bias -> /bias unchanged)
+
+  DDPM++ UNet (imm_jax.networks.unet)
+    map_label|map_layer0|map_layer1|map_layer0_s|map_layer1_s.weight   <same>/kernel     transpose
+    enc.RxR_NAME.* / dec.RxR_NAME.*             enc_RxR_NAME/* / dec_RxR_NAME/*
+    <conv>.weight (O,I,k,k)                     <conv>/kernel (k,k,I,O)               OIHW -> HWIO
+    <norm>.weight / .bias                       <norm>/scale / bias
+    <block>.affine.weight                       <block>/affine/kernel                  transpose
+    <block>.qkv.weight (3C,C,1,1), .bias (3C)   <block>/qkv/kernel (1,1,C,3C), bias   de-interleave
+        EDM orders the 3C outputs (head, channel, q|k|v) (it reshapes to (N*h, C/h, 3, HW));
+        imm_jax orders them (q|k|v, head, channel).
+    <conv>.resample_filter (1,1,k,k)            (constant; checked equal to model.resample_filter)
+    map_noise.freqs / map_noise_s.freqs         (Fourier embedding buffers: not supported, error)
+"""
+from __future__ import annotations
+
+import argparse
+import re
+import sys
+from typing import Any, Iterable
+
+import numpy as np
+import safetensors.numpy
+
+from imm_jax import config_files
+from imm_jax.io import torch_pickle
+
+# ------------------------------------------------------------------------------------ reading
+
+def load_file(path: str) -> Any:
+    """Reads a checkpoint file into plain Python/NumPy objects (see module docstring for formats)."""
+    if path.endswith(".safetensors"):
+        return safetensors.numpy.load_file(path)
+    if path.endswith(".npz"):
+        with np.load(path, allow_pickle=False) as z:
+            return {k: z[k] for k in z.files}
+    return torch_pickle.load(path, unknown="stub")
+
+
+def _module_state(node) -> dict | None:
+    state = getattr(node, "state", None)
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    return state if isinstance(state, dict) else None
+
+
+def flatten_module(node, prefix: str = "") -> dict[str, np.ndarray]:
+    """named_parameters + named_buffers of a stubbed torch module tree, as {dotted name: array}."""
+    state = _module_state(node)
+    if state is None:
+        raise ValueError(f"{prefix or 'root'}: not a pickled torch module ({type(node).__name__})")
+    out = {}
+    for group in ("_parameters", "_buffers"):
+        for name, value in (state.get(group) or {}).items():
+            if value is not None:
+                out[prefix + name] = np.asarray(value)
+    for name, child in (state.get("_modules") or {}).items():
+        if child is not None:
+            out.update(flatten_module(child, prefix + name + "."))
+    return out
+
+
+def extract_state_dict(obj, entry: str = "ema") -> dict[str, np.ndarray]:
+    """The flat state_dict inside a loaded file: a state_dict itself, or `obj[entry]` as a module."""
+    if isinstance(obj, dict) and obj and all(isinstance(v, np.ndarray) for v in obj.values()):
+        return dict(obj)
+    if isinstance(obj, dict) and entry in obj:
+        node = obj[entry]
+        if isinstance(node, dict) and all(isinstance(v, np.ndarray) for v in node.values()):
+            return dict(node)
+        return flatten_module(node)
+    if _module_state(obj) is not None:
+        return flatten_module(obj)
+    keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
+    raise ValueError(f"cannot find the network: expected a state_dict or a dict with {entry!r} (got {keys})")
+
+
+# ---------------------------------------------------------------------------------------- mapping
+
+def _dit_key(path: tuple[str, ...]) -> str:
+    parts = []
+    for p in path:
+        m = re.fullmatch(r"blocks_(\d+)", p)
+        if m:
+            parts += ["blocks", m.group(1)]
+        elif p in ("mlp_0", "mlp_2"):
+            parts += ["mlp", p[-1]]
+        elif p == "adaLN_modulation":
+            parts += ["adaLN_modulation", "1"]
+        elif p == "x_embedder":
+            parts += ["x_embedder", "proj"]
+        elif p == "embedding_table":
+            parts += ["embedding_table", "weight"]
+        elif p == "kernel":
+            parts.append("weight")
+        else:
+            parts.append(p)
+    return ".".join(parts)
+
+
+def _unet_key(path: tuple[str, ...]) -> str:
+    head = re.sub(r"^(enc|dec)_", r"\1.", path[0])
+    leaf = {"kernel": "weight", "scale": "weight"}.get(path[-1], path[-1])
+    return ".".join((head,) + tuple(path[1:-1]) + (leaf,))
+
+
+def _to_layout(model: str, path: tuple[str, ...], value: np.ndarray, num_heads: int) -> np.ndarray:
+    """torch-layout tensor -> imm_jax layout for the param at `path` of a `model` ("dit" | "unet")."""
+    if model == "unet" and path[-2] == "qkv":  # de-interleave (head, channel, q|k|v) -> (q|k|v, head, channel)
+        c = value.shape[0] // 3
+        value = value.reshape((num_heads, c // num_heads, 3) + value.shape[1:])
+        value = np.moveaxis(value, 2, 0).reshape((3 * c,) + value.shape[3:])
+    if path[-1] == "kernel":
+        if value.ndim == 4:
+            return value.transpose(2, 3, 1, 0)   # OIHW -> HWIO
+        if value.ndim == 2:
+            return value.T
+    return value
+
+
+def convert_state_dict(state: dict[str, np.ndarray], model_config, *, prefix: str = "auto",
+                       ignore: Iterable[str] = ()) -> dict:
+    """Maps a torch state_dict onto the imm_jax param tree of `model_config` (float32 NumPy leaves).
+
+    Raises ValueError naming every missing, unexpected or mis-shaped key.
+    """
+    import jax
+
+    from imm_jax import networks
+    from imm_jax.networks import dit as dit_lib
+    from imm_jax.networks import unet as unet_lib
+
+    name = model_config.name
+    net = networks.build(model_config)
+    size, ch = int(model_config.image_size), int(model_config.in_channels)
+    b = 1
+    x = np.zeros((b, size, size, ch), np.float32)
+    t = np.zeros((b,), np.float32)
+    labels = np.zeros((b,), np.int32) if int(model_config.num_classes) else None
+    shapes = jax.eval_shape(lambda: net.init(jax.random.key(0), x, t, t, labels))["params"]
+    flat, treedef = jax.tree_util.tree_flatten_with_path(shapes)
+    paths = [tuple(str(k.key) for k in p) for p, _ in flat]
+    key_fn = _dit_key if name == "dit" else _unet_key
+    wanted = {key_fn(p): (p, leaf) for p, (_, leaf) in zip(paths, flat)}
+
+    state = {k: v for k, v in state.items() if not any(re.search(r, k) for r in ignore)}
+    if prefix == "auto":
+        prefix = ""
+        if not (set(wanted) & set(state)):
+            for cand in sorted({k[: k.find(".") + 1] for k in state if "." in k}):
+                if {cand + k for k in wanted} & set(state):
+                    prefix = cand
+                    break
+    outside = sorted(k for k in state if not k.startswith(prefix))
+    state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+
+    errors = []
+    if outside:
+        errors.append(f"keys outside prefix {prefix!r}: {outside[:10]}")
+    leaves = []
+    num_heads = int(model_config.get("num_heads", 1) or 1)
+    for key, (path, leaf) in wanted.items():
+        if key not in state:
+            errors.append(f"missing {key} (for {'/'.join(path)} {tuple(leaf.shape)})")
+            leaves.append(None)
+            continue
+        value = _to_layout(name, path, np.asarray(state.pop(key), np.float32), num_heads)
+        if value.shape != tuple(leaf.shape):
+            errors.append(f"shape of {key}: {value.shape} after layout change, expected {tuple(leaf.shape)} "
+                          f"for {'/'.join(path)}")
+        leaves.append(value)
+
+    # Constant buffers: consumed after checking they match what the model computes.
+    for key in sorted(state):
+        value = np.asarray(state[key], np.float64)
+        if name == "dit" and key == "pos_embed":
+            dims = dit_lib.resolve_dims(model_config)
+            want = dit_lib.pos_embed_2d(dims["hidden_size"], size // dims["patch_size"])[None]
+            if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
+                errors.append(f"pos_embed {value.shape} differs from the fixed 2-D sin-cos table {want.shape}")
+            state.pop(key)
+        elif name == "unet" and key.endswith(".resample_filter"):
+            want = unet_lib._filter_2d(tuple(model_config.resample_filter))[None, None]
+            if value.shape != want.shape or not np.allclose(value, want):
+                errors.append(f"{key} {value.reshape(-1)[:4]}... does not match model.resample_filter "
+                              f"{tuple(model_config.resample_filter)}")
+            state.pop(key)
+        elif name == "unet" and key.endswith(".freqs"):
+            errors.append(f"{key}: Fourier-embedding checkpoints are not supported (imm_jax derives the "
+                          "frequencies from model.fourier_seed)")
+            state.pop(key)
+    if state:
+        errors.append(f"unexpected keys (not mapped): {sorted(state)[:20]}"
+                      + (f" ... ({len(state)} in all)" if len(state) > 20 else ""))
+    if errors:
+        raise ValueError("checkpoint does not match model config "
+                         f"{name!r}:\n  " + "\n  ".join(errors)
+                         + "\n(--ignore REGEX skips keys, --prefix sets the wrapper prefix)")
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
+# -------------------------------------------------------------------------------------------- CLI
+
+KINDS = {
+    "cifar10": ("cifar10.py", None),
+    "im256_ts_a2": ("imagenet256.py", "variant=XL/2,a=2,temb=stride"),
+    "im256_s_a1": ("imagenet256.py", "variant=XL/2,a=1,temb=s"),
+}
+
+
+def default_config_spec(kind: str) -> str:
+    if kind not in KINDS:
+        raise ValueError(f"--kind must be one of {sorted(KINDS)}, got {kind!r}")
+    filename, arg = KINDS[kind]
+    return f"configs/{filename}:{arg}" if arg else f"configs/{filename}"
+
+
+def convert(input_path: str, output: str, config, *, prefix: str = "auto", ignore=(), entry: str = "ema"):
+    """Reads `input_path`, maps it onto config.model and writes a sampling checkpoint to `output`."""
+    from imm_jax.training import checkpointing
+
+    state = extract_state_dict(load_file(input_path), entry)
+    params = convert_state_dict(state, config.model, prefix=prefix, ignore=ignore)
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.train.ema_decays = (0.9999,)  # the released networks are the 0.9999 EMA; store them once
+    return checkpointing.save_for_sampling(output, params, config)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(prog="python -m imm_jax.convert", description=__doc__.split("\n")[0])
+    parser.add_argument("--input", required=True, help="official .pkl/.pt, a torch.save zip, .safetensors or .npz")
+    parser.add_argument("--output", required=True, help="directory for the sampling checkpoint")
+    parser.add_argument("--kind", choices=sorted(KINDS), help="which released model (sets the config)")
+    parser.add_argument("--config", help="config file path.py[:args] (default: from --kind)")
+    parser.add_argument("--prefix", default="auto", help="wrapper prefix to strip, e.g. 'model.' (default auto)")
+    parser.add_argument("--ignore", action="append", default=[], help="regex of keys to skip (repeatable)")
+    parser.add_argument("--entry", default="ema", help="key of the network in the pickled dict")
+    args = parser.parse_args(argv)
+    if not args.config and not args.kind:
+        parser.error("give --kind (cifar10|im256_ts_a2|im256_s_a1) or --config")
+    config = config_files.load(args.config or default_config_spec(args.kind))
+    path = convert(args.input, args.output, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry)
+    print(f"wrote {path} (model {config.model.name})")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
