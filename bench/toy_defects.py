@@ -73,16 +73,16 @@ def _load_toy():
 
 
 def mutated_module(name: str, edits, overrides=None) -> types.ModuleType:
-    """imm_jax.<name> executed from its source with `edits` applied; overrides rebinds module globals."""
-    import imm_jax
-    path = os.path.join(os.path.dirname(imm_jax.__file__), name)
+    """imm_jax.core.<name> executed from its source with `edits` applied; overrides rebinds module globals."""
+    import imm_jax.core
+    path = os.path.join(os.path.dirname(imm_jax.core.__file__), name)
     src = open(path).read()
     for old, new in edits:
         if src.count(old) != 1:
             raise SystemExit(f"defect edit not found exactly once in {path}: {old!r}")
         src = src.replace(old, new)
-    mod = types.ModuleType(f"imm_jax._mutant_{name[:-3]}")
-    mod.__dict__["__package__"] = "imm_jax"
+    mod = types.ModuleType(f"imm_jax.core._mutant_{name[:-3]}")
+    mod.__dict__["__package__"] = "imm_jax.core"
     sys.modules[mod.__name__] = mod  # dataclasses resolve annotations through sys.modules
     exec(compile(src, f"<mutant {name}>", "exec"), mod.__dict__)
     for k, v in (overrides or {}).items():

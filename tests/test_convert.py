@@ -591,7 +591,7 @@ def test_cli_npz_and_safetensors_to_sampling_checkpoint(tmp_path):
 
 def _repo_configs():
     import pathlib
-    return pathlib.Path(convert.__file__).resolve().parents[1] / "configs"
+    return pathlib.Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_kinds_resolve_to_configs():

@@ -45,7 +45,7 @@ def test_freed_blocks_are_reused_without_page_faults(mib):
 def test_accelerator_processes_keep_the_default_allocator():
     """On a TPU/GPU host (JAX's default backend is not the CPU) the allocator settings are not applied."""
     code = ("import jax; jax.default_backend = lambda: 'tpu'\n"
-            "from imm_jax import host_memory; print(host_memory.keep_freed_memory())")
+            "from imm_jax.kernels import host_memory; print(host_memory.keep_freed_memory())")
     env = dict(os.environ, IMM_JAX_KEEP_FREED_MEMORY="1")
     env.pop("LD_PRELOAD", None)
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)

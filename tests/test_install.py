@@ -2,6 +2,7 @@
 `python -m imm_jax.main --help` runs, and --config=configs/tiny.py trains 2 steps from another directory."""
 import configparser
 import os
+import shutil
 import site
 import subprocess
 import sys
@@ -27,8 +28,12 @@ def fresh_venv(tmp_path_factory):
     """A new venv with the wheel built from this checkout installed; dependencies borrowed from this
     interpreter's site-packages through a .pth line (no downloads; this checkout is not on its path)."""
     tmp = tmp_path_factory.mktemp("install")
+    # built from a copy: setuptools writes build/ and *.egg-info beside the sources
+    src = tmp / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".git", ".venv", "venv", "build", "dist", "runs",
+                                                              "*.egg-info", "__pycache__", ".pytest_cache"))
     pip = [sys.executable, "-m", "pip", "--disable-pip-version-check", "-q"]
-    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), ROOT],
+    subprocess.run(pip + ["wheel", "--no-deps", "--no-build-isolation", "-w", str(tmp / "dist"), str(src)],
                    check=True, cwd=tmp)
     (wheel,) = os.listdir(tmp / "dist")
     venv = tmp / "venv"
