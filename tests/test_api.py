@@ -102,3 +102,57 @@ def test_presets_and_errors(ckpt):
         s(2, labels=[11, 0], batch_size=8)
     with pytest.raises(ValueError, match="EMA decay"):
         imm_jax.load(path, ema=0.123)
+
+
+def test_which_ema_samples(tmp_path):
+    """With a distinct params tree per decay (a real training run): the default is config.train.sample_ema when
+    set, else the fastest decay; ema= picks one; an unknown decay is an error naming those present."""
+    from imm_jax.training import train
+    c = tiny_config()
+    c.train.num_steps = 3  # ema_decays (0.9, 0.5)
+    train.train_and_evaluate(c, str(tmp_path))
+    _, emas = checkpointing.restore_for_sampling(str(tmp_path))
+    assert sorted(emas) == ["0.5", "0.9"]
+    leaves = lambda t: [np.asarray(x) for x in jax.tree.leaves(t)]
+    assert any(not np.array_equal(a, b) for a, b in zip(leaves(emas["0.5"]), leaves(emas["0.9"])))
+
+    def same(a, b):
+        return all(np.array_equal(x, y) for x, y in zip(leaves(a), leaves(b)))
+
+    default = imm_jax.load(str(tmp_path))
+    assert default.ema == "0.5" and same(default.params, emas["0.5"])
+    slow = imm_jax.load(str(tmp_path), ema=0.9)
+    assert slow.ema == "0.9" and same(slow.params, emas["0.9"])
+    with pytest.raises(ValueError, match=r"EMA decay 0.99 not in this checkpoint; it has \['0.5', '0.9'\]"):
+        imm_jax.load(str(tmp_path), ema=0.99)
+    from imm_jax.inference import api
+    c.train.sample_ema = 0.9
+    assert api._pick_ema(emas, None, c)[0] == "0.9"
+
+
+def test_decode_crops_the_padding(ckpt):
+    path, config, net, params = ckpt
+    padded = config.copy_and_resolve_references()
+    padded.data.pad = 2
+    s = imm_jax.inference.api.Sampler(padded, params)
+    x = np.random.default_rng(0).uniform(-1, 1, (3, 8, 8, 1)).astype(np.float32)
+    full = np.floor(np.clip(x.astype(np.float64) * 127.5 + 128, 0, 255)).astype(np.uint8)
+    np.testing.assert_array_equal(s.decode(x), full[:, 2:6, 2:6])
+    assert s(2, steps=1).shape == (2, 4, 4, 1)
+
+
+def test_presets_set_the_papers_grids(ckpt):
+    """cifar10-2step: the eta grid with eta(t_1) = 1.4, i.e. t_1 = 1.4 / 2.4 for OT-FM (eta = t / (1 - t))."""
+    from imm_jax.inference import api
+    path, config, net, params = ckpt
+    opts = api.resolve_options(config, preset="cifar10-2step")
+    assert (opts["steps"], opts["grid"], opts["mid_etas"], opts["cfg_scale"]) == (2, "etas", (1.4,), None)
+    s = imm_jax.load(path)
+    np.testing.assert_allclose(np.asarray(s.time_grid(2, opts["grid"], opts["mid_etas"])),
+                               [0.994, 1.4 / 2.4, 0.006], rtol=1e-6)
+    opts8 = api.resolve_options(config, preset="imagenet-8step")
+    assert (opts8["steps"], opts8["grid"], opts8["cfg_scale"]) == (8, "uniform", 1.5)
+    np.testing.assert_allclose(np.asarray(s.time_grid(8, "uniform")), np.linspace(0.994, 0.006, 9), rtol=1e-6)
+    # the preset's grid is what sampling runs: same samples as the explicit arguments
+    np.testing.assert_array_equal(s(4, preset="cifar10-2step", labels=[1] * 4),
+                                  s(4, steps=2, grid="etas", mid_etas=(1.4,), cfg_scale=1.0, labels=[1] * 4))

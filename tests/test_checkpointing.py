@@ -103,3 +103,26 @@ def test_no_checkpoint(tmp_path):
     ck.close()
     with pytest.raises(FileNotFoundError):
         checkpointing.restore_for_sampling(str(tmp_path))
+
+
+def test_sampling_restore_falls_back_past_a_damaged_latest(tmp_path, caplog):
+    """restore_for_sampling: when the latest step's EMA cannot be read, the previous step's is used (logged);
+    an explicit step is not silently replaced."""
+    ck = checkpointing.Checkpointer(str(tmp_path), max_to_keep=3, async_save=False)
+    for s in (1, 2):
+        main, ema = items(s)
+        ck.save(s, main, ema, cfg(), {"step": s})
+    ck.wait()
+    ck.close()
+    ema_dir = tmp_path / "2" / "ema"
+    for name in os.listdir(ema_dir):
+        if name.startswith("ocdbt") or name == "d" or name == "manifest.ocdbt":
+            p = ema_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    with caplog.at_level("ERROR"):
+        config, emas = checkpointing.restore_for_sampling(str(tmp_path))
+    assert sorted(emas) == ["0.999", "0.9999"]
+    assert_tree_equal(emas["0.9999"], items(1)[1]["ema_0"])  # step 1's EMA
+    assert any("step 2" in r.getMessage() and "previous" in r.getMessage() for r in caplog.records)
+    with pytest.raises(FileNotFoundError, match="No readable checkpoint"):
+        checkpointing.restore_for_sampling(str(tmp_path / "2"))

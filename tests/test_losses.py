@@ -288,3 +288,66 @@ def test_k_schedule_loss_equals_constant_k_of_its_stage():
                        np.float64(s))
     np.testing.assert_allclose(losses.mapping_r(s, t, schedule="fm", k=jnp.float32(9.0), t_min=0.006,
                                                 t_max=0.994), r_ref, rtol=2e-6, atol=1e-6)
+
+
+class ProbeNet:
+    """A stand-in network (the networks contract's `apply`) that records the time inputs it is called with and
+    returns zeros; run eagerly, so the recorded values are the ones the loss really used."""
+
+    def __init__(self):
+        self.calls = []
+
+    def apply(self, variables, x_in, t_in, s_in, labels=None, train=False, rngs=None):
+        self.calls.append((np.asarray(t_in, np.float64), np.asarray(s_in, np.float64)))
+        self.dropout_keys = getattr(self, "dropout_keys", []) + [
+            None if not rngs else np.asarray(jax.random.key_data(rngs["dropout"]))]
+        return jnp.zeros_like(x_in)
+
+
+def _ks_uniform(u):
+    """Kolmogorov-Smirnov distance of samples u from U(0, 1)."""
+    u = np.sort(np.asarray(u, np.float64))
+    n = len(u)
+    return max(np.max(np.arange(1, n + 1) / n - u), np.max(u - np.arange(n) / n))
+
+
+def test_time_sampling_follows_the_spec():
+    """Spec §3.6: per group one t ~ U(t_min, t_max), one s ~ U(t_min, t), r = r(s, t), shared by its M particles;
+    read from what imm_loss feeds the network (online pass: (t, s), target pass: (r, s)), not from sample_times."""
+    M, G = 4, 4000
+    obj = IMMObjective(param=Parameterization(f_type="simple_edm", temb="s", time_scale=1000.0), t_min=0.006,
+                       t_max=0.994, particles=M, k=10)
+    net = ProbeNet()
+    x = jnp.zeros((M * G, 2, 2, 1), jnp.float32)
+    losses.imm_loss(net, {}, x, None, jax.random.key(0), objective=obj)
+    (t_in, s_in), (r_in, s_in2) = net.calls
+    t, s, r = t_in / 1000, s_in / 1000, r_in / 1000
+    np.testing.assert_array_equal(s_in, s_in2)  # both passes at the same s
+    for v in (t, s, r):  # one draw per group of M consecutive particles
+        g = v.reshape(G, M)
+        assert np.all(g == g[:, :1])
+    t, s, r = t[::M], s[::M], r[::M]
+    assert len(np.unique(t)) > 0.99 * G  # distinct draws across groups (float32 ties aside)
+    # KS at n = 4000: the 0.1% critical value is 1.95 / sqrt(n) = 0.031
+    assert _ks_uniform((t - 0.006) / (0.994 - 0.006)) < 0.031
+    assert np.all(s >= 0.006 - 1e-6) and np.all(s <= t + 1e-6)
+    assert _ks_uniform((s - 0.006) / (t - 0.006)) < 0.031  # s | t uniform on [t_min, t]
+    # r from the spec's closed form (eta mapping, OT-FM: eta = t / (1 - t)), float64
+    delta = (0.994 / 0.006 - 0.006 / 0.994) / 2 ** 10  # (eta_max - eta_min) / 2^k
+    e = t / (1 - t) - delta
+    ref = np.where(e <= 0, s, np.maximum(s, np.maximum(e, 0) / (1 + np.maximum(e, 0))))
+    np.testing.assert_allclose(r, ref, rtol=2e-5, atol=1e-6)
+    assert np.mean(r == s) > 0.05 and np.all(r < t)  # the base case happens; r always below t
+
+
+@pytest.mark.parametrize("mode", ["shared", "independent"])
+def test_dropout_keys_reach_the_two_passes(mode):
+    """dropout_keys="shared": the online and target passes get the same dropout key (the same masks);
+    "independent": different keys."""
+    obj = IMMObjective(param=Parameterization(f_type="simple_edm"), t_min=0.006, t_max=0.994, particles=4, k=10,
+                       dropout_keys=mode)
+    net = ProbeNet()
+    losses.imm_loss(net, {}, jnp.zeros((8, 2, 2, 1)), None, jax.random.key(3), objective=obj)
+    online, target = net.dropout_keys
+    assert online is not None and target is not None
+    assert np.array_equal(online, target) == (mode == "shared")

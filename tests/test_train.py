@@ -256,3 +256,16 @@ def test_loop_schedule_says_what_is_due():
     assert s.due(7, stopping=True, out_of_time=True) == {"log", "checkpoint", "sample", "evaluate"}
     never = train.LoopSchedule(num_steps=10, log_every=1, ckpt_every=5)
     assert never.due(10) == {"log", "checkpoint"} and never.due(3) == {"log"}
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path):
+    """The checkpoint records the data position (step, batch size); resuming with a different batch size would
+    silently change which examples come next, so it is an error that says what to do."""
+    c = tiny()
+    c.train.num_steps = 3
+    train.train_and_evaluate(c, str(tmp_path))
+    c2 = tiny()
+    c2.data.batch_size = 64
+    with pytest.raises(ValueError, match=r"Checkpoint step 3 has data position .*'batch_size': 32.*batch_size=64.*"
+                                         r"resume with the config the run was started with"):
+        train.train_and_evaluate(c2, str(tmp_path))
