@@ -7,6 +7,7 @@ installed as the `imm_jax.configs` package), so the README's commands work from 
 """
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from typing import Sequence
@@ -14,6 +15,7 @@ from typing import Sequence
 import ml_collections
 
 import imm_jax.configs
+from imm_jax.errors import UserError
 
 CONFIG_DIR = os.path.dirname(os.path.abspath(imm_jax.configs.__file__))
 
@@ -63,3 +65,21 @@ def load(spec: str) -> ml_collections.ConfigDict:
     module = importlib.util.module_from_spec(mod_spec)
     mod_spec.loader.exec_module(module)
     return module.get_config(arg or None)
+
+
+def check_overrides(config: ml_collections.ConfigDict, argv: Sequence[str], flag: str = "config") -> None:
+    """UserError naming the first --FLAG.a.b=... whose field does not exist, with the closest valid names."""
+    for a in argv:
+        if not a.startswith(f"--{flag}."):
+            continue
+        path = a[len(f"--{flag}."):].split("=", 1)[0].split(".")
+        node, seen = config, flag
+        for key in path:
+            if not isinstance(node, ml_collections.ConfigDict):
+                raise UserError(f"--{seen}.{key}: {seen} is a value ({type(node).__name__}), not a section.")
+            if key not in node:
+                keys = sorted(node.keys())
+                close = difflib.get_close_matches(key, keys, n=3)
+                hint = f"did you mean {', '.join(f'--{seen}.{c}' for c in close)}? " if close else ""
+                raise UserError(f"unknown config field --{seen}.{key} ({a}); {hint}{seen} has: {', '.join(keys)}.")
+            node, seen = node[key], f"{seen}.{key}"

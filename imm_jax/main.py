@@ -18,7 +18,7 @@ import os
 from absl import app, flags, logging
 from ml_collections import config_flags
 
-from imm_jax import config_files
+from imm_jax import config_files, errors
 
 FLAGS = flags.FLAGS
 config_flags.DEFINE_config_file(
@@ -54,6 +54,8 @@ flags.DEFINE_integer("tune_trajectories", 1024, "tune mode: teacher trajectories
 flags.DEFINE_integer("tune_eval", 256, "tune mode: held-out teacher trajectories for the reported loss.")
 flags.DEFINE_integer("tune_teacher_steps", None,
                      "tune mode: teacher steps (default 128 Euler for FM models, 16 pushforward for IMM models).")
+flags.DEFINE_string("vae_path", None, "sample mode, latent models: local diffusers SD-VAE directory to decode with "
+                    "(default: the checkpoint config's vae.path).")
 flags.DEFINE_bool("tuned", False, "sample mode: use the tuned time embeddings saved beside the checkpoint by "
                   "--mode=tune (error if none matches the sampler/steps/grid).")
 
@@ -74,7 +76,9 @@ def _init_distributed():
 def sample_main(workdir: str):
     """Per step count: <out>/<N>step/samples.npz (ADM layout: arr_0 uint8 NHWC, arr_1 labels) and grid.png."""
     from imm_jax.inference import api, export
-    sampler = api.load(workdir, ema=FLAGS.ema, tuned=FLAGS.tuned or None)
+    sampler = api.load(workdir, ema=FLAGS.ema, tuned=FLAGS.tuned or None, vae_path=FLAGS.vae_path)
+    if sampler.is_latent:
+        sampler.vae_dir()  # a missing or wrong VAE path fails before any sampling
     steps_list = tuple(FLAGS.steps or sampler.config.sample.steps)
     out = FLAGS.out or os.path.join(workdir, "samples_cli")
     for steps in steps_list:
@@ -101,11 +105,11 @@ def tune_main(workdir: str):
 
 def main(argv):
     if len(argv) > 1:
-        raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+        raise errors.UserError(f"unexpected arguments {argv[1:]}: flags are --name=value (see --help).")
     if not FLAGS["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # keep library INFO chatter out of the progress lines
     if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required (where checkpoints, metrics and samples go).")
+        raise errors.UserError("--workdir is required (where checkpoints, metrics and samples go).")
     if FLAGS.multihost:
         _init_distributed()
     from imm_jax.kernels import host_memory
@@ -115,18 +119,33 @@ def main(argv):
     if FLAGS.mode == "tune":
         return tune_main(FLAGS.workdir)
     if FLAGS.config is None:
-        raise app.UsageError("--config=configs/X.py is required.")
+        raise errors.UserError("--config=configs/X.py is required.")
     from imm_jax.training import train
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
+def _config_spec(argv) -> str:
+    spec = "configs/fashion_mnist.py"
+    for i, a in enumerate(argv):
+        if a.startswith("--config="):
+            spec = a.split("=", 1)[1]
+        elif a == "--config" and i + 1 < len(argv):
+            spec = argv[i + 1]
+    return spec
+
+
 def _parse_flags(argv):
-    try:
+    def check(argv):
         argv = config_files.resolve_argv(argv)
-    except FileNotFoundError as e:
-        raise SystemExit(f"error: --config: {e}") from None
-    return app.parse_flags_with_usage(argv)
+        if any(a.startswith("--config.") for a in argv):  # unknown fields: say which and what exists
+            config_files.check_overrides(config_files.load(_config_spec(argv)), argv)
+        return argv
+    return app.parse_flags_with_usage(errors.run("python -m imm_jax.main", check, argv))
+
+
+def _main(argv):
+    errors.run("python -m imm_jax.main", main, argv, tracebacks=FLAGS.verbosity >= 1)
 
 
 if __name__ == "__main__":
-    app.run(main, flags_parser=_parse_flags)
+    app.run(_main, flags_parser=_parse_flags)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import pickle
+import os
 import struct
 import sys
 import types
@@ -603,6 +604,10 @@ def test_kinds_resolve_to_configs():
             assert cfg.model.variant == variant and cfg.model.num_classes == 1000
     assert config_files.load(convert.default_config_spec("im256_ts_a2")).imm.temb == "stride"
     assert config_files.load(convert.default_config_spec("im256_s_a1")).imm.temb == "s"
+    for size in ("S", "B", "L", "XL"):  # presets for a DiT of every size with either time input
+        for temb in ("s", "stride"):
+            cfg = config_files.load(convert.default_config_spec(f"im256_{size.lower()}2_{temb}"))
+            assert (cfg.model.variant, cfg.imm.temb, cfg.model.in_channels) == (f"{size}/2", temb, 4)
 
 
 def test_real_torch_files_read_identically(tmp_path):
@@ -645,3 +650,36 @@ def test_full_size_cifar_unet_and_dit_s2_forward_match_numpy():
     ours = np.asarray(jax.jit(networks.build(dcfg).apply)({"params": dparams}, x, t, s, y))
     ref = np_dit(dsd, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, y, 2, 6).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, rtol=1e-3, atol=1e-3 * np.abs(ref).max())
+
+
+def test_cli_user_errors_exit_2_and_overwrite(tmp_path, capsys):
+    sd = official_dit_state(np.random.RandomState(7), 8, 4, 32, 2, 2, 5)
+    np.savez(tmp_path / "sd.npz", **sd)
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from imm_jax import networks\nfrom imm_jax.configs import tiny\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n"
+        "    c.model = networks.dit_config(None, image_size=8, in_channels=4, num_classes=5, hidden_size=32,\n"
+        "                                  depth=2, num_heads=2, patch_size=2)\n    return c\n")
+    out = tmp_path / "ckpt"
+    base = ["--input", str(tmp_path / "sd.npz"), "--output", str(out), "--config", str(cfg_file)]
+
+    def fails(args, *expect):
+        with pytest.raises(SystemExit) as e:
+            convert.main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and all(x in err for x in expect), err
+
+    fails(["--input", str(tmp_path / "missing.pkl"), "--output", str(out), "--kind", "cifar10"],
+          "python -m imm_jax.convert: error: --input", "missing.pkl", "no such file")
+    convert.main(base)
+    assert "wrote" in capsys.readouterr().out
+    fails(base, "exists and is not empty; pass --overwrite")
+    before = sorted(os.listdir(out))
+    convert.main(base + ["--overwrite"])
+    assert sorted(os.listdir(out)) == before and not os.path.exists(str(out) + ".converting")
+    # a wrong architecture is a user error; the existing output is left as it was
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, **{k: v for k, v in sd.items() if not k.startswith("blocks.1.")})
+    fails(["--input", str(bad)] + base[2:] + ["--overwrite"], "checkpoint does not match model config", "missing")
+    assert sorted(os.listdir(out)) == before

@@ -54,11 +54,32 @@ def test_read_idx_and_fashion_mnist_layout(tmp_path):
 
 
 def test_missing_fashion_mnist_says_what_to_install(tmp_path, monkeypatch):
-    monkeypatch.setattr(ip, "FASHION_MNIST_DIRS", ())
+    monkeypatch.setattr(ip, "FASHION_MNIST_DIRS", (str(tmp_path / "debian"),))
     import tensorflow_datasets as tfds
     monkeypatch.setattr(tfds, "data_source", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("none")))
-    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist"):
-        ip.fashion_mnist_source(config("fashion_mnist", path=str(tmp_path)).data)
+    with pytest.raises(FileNotFoundError, match="apt-get install dataset-fashion-mnist") as e:
+        ip.fashion_mnist_source(config("fashion_mnist").data)
+    assert "train-images-idx3-ubyte.gz + train-labels-idx1-ubyte.gz" in str(e.value)
+
+
+def test_explicit_fashion_mnist_path_never_falls_back(tmp_path, monkeypatch):
+    """--config.data.path that lacks the files is an error naming it, even when the Debian copy exists."""
+    debian = tmp_path / "debian"
+    debian.mkdir()
+    rng = np.random.default_rng(0)
+    for stem, arr, magic in (("train-images-idx3-ubyte", rng.integers(0, 256, (3, 28, 28), dtype=np.uint8),
+                              b"\x00\x00\x08\x03"),
+                             ("train-labels-idx1-ubyte", rng.integers(0, 10, 3, dtype=np.uint8), b"\x00\x00\x08\x01")):
+        (debian / stem).write_bytes(magic + b"".join(int(d).to_bytes(4, "big") for d in arr.shape) + arr.tobytes())
+    monkeypatch.setattr(ip, "FASHION_MNIST_DIRS", (str(debian),))
+    import tensorflow_datasets as tfds
+    monkeypatch.setattr(tfds, "data_source", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("none")))
+    assert len(ip.fashion_mnist_source(config("fashion_mnist").data)) == 3  # no path: the Debian copy
+    with pytest.raises(FileNotFoundError) as e:
+        ip.fashion_mnist_source(config("fashion_mnist", path="/nonexistent").data)
+    msg = str(e.value)
+    assert "config.data.path='/nonexistent'" in msg and "train-images-idx3-ubyte.gz" in msg
+    assert "data_dir='/nonexistent'" in msg and "leave it empty" in msg
 
 
 def test_real_fashion_mnist_if_installed():

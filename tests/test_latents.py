@@ -229,6 +229,23 @@ def test_latent_training_writes_decoded_grids(tmp_path, tiny_vae_dir, image_fold
     want = sampler(3, steps=1, labels=np.arange(3) % 3, seed=42, batch_size=3)
     diff = np.abs(images.make_grid(want, 2).astype(np.int16) - grid)
     assert diff.max() <= 1 and np.mean(diff > 0) < 0.01
+    # Without a usable VAE path the error comes before any sampling, saying what to pass.
+    ema = jax.device_get(result["state"].ema[1])
+    with c.unlocked():
+        c.vae.path = ""
+    no_vae = imm_jax.inference.api.Sampler(c, ema)
+    with pytest.raises(ValueError, match="pass vae_path=<local diffusers directory"):
+        no_vae(3, steps=1)
+    hub = imm_jax.inference.api.Sampler(c, ema, vae_path="stabilityai/sd-vae-ft-ema")
+    with pytest.raises(FileNotFoundError, match="looks like a model-hub name: imm_jax never downloads"):
+        hub(3, steps=1)
+    assert no_vae.num_compiles == hub.num_compiles == 0
+    # and a training run with a wrong config.vae.path stops at start-up
+    from imm_jax.training import config_validation
+    with c.unlocked():
+        c.vae.path = str(tmp_path / "no-vae")
+    with pytest.raises(config_validation.ConfigError, match="is not a local diffusers VAE directory"):
+        config_validation.validate(c, num_devices=1)
 
 
 def test_encode_tfds_mock_two_hosts(tmp_path, tiny_vae_dir, capsys):

@@ -76,6 +76,22 @@ def test_train_kill_resume_is_bit_exact(tmp_path):
     with open(tmp_path / "a" / "config.json") as f:
         assert json.load(f)["imm"]["particles"] == 4
     assert any(n.startswith("events.out.tfevents") for n in os.listdir(tmp_path / "a"))
+    # metrics.jsonl holds each step once after the resume (steps 4-5 of the killed run were dropped), and the
+    # resumed run's TensorBoard file starts by purging what the killed run logged after its checkpoint
+    with open(tmp_path / "b" / "metrics.jsonl") as f:
+        assert [json.loads(line)["step"] for line in f] == [1, 2, 3, 4, 5, 6]
+    from tensorboardX.proto import event_pb2
+    purges = []
+    for name in os.listdir(tmp_path / "b"):
+        if name.startswith("events.out.tfevents"):
+            data, off = open(tmp_path / "b" / name, "rb").read(), 0
+            while off < len(data):
+                (n,) = struct.unpack("<Q", data[off:off + 8])
+                ev = event_pb2.Event.FromString(data[off + 12:off + 12 + n])
+                if ev.HasField("session_log") and ev.session_log.status == event_pb2.SessionLog.START:
+                    purges.append(ev.step)
+                off += 16 + n
+    assert purges == [4]
 
 
 def _two_steps(config, mesh):

@@ -20,13 +20,25 @@ def run_main(args, env_extra=None, **kw):
 
 def test_unknown_override_is_rejected(tmp_path):
     r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_stepz=3"])
-    assert r.returncode != 0 and "num_stepz" in r.stderr
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert ("python -m imm_jax.main: error: unknown config field --config.train.num_stepz "
+            "(--config.train.num_stepz=3); did you mean --config.train.num_steps?") in r.stderr
     assert not os.path.exists(tmp_path / "checkpoints")
+    r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.imx.k=3"])
+    assert r.returncode == 2 and "did you mean --config.imm?" in r.stderr and "config has: data, eval" in r.stderr
 
 
 def test_validation_error_reaches_the_user(tmp_path):
-    r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.batch_size=30"])
-    assert r.returncode != 0 and "not divisible by config.imm.particles=4" in r.stderr
+    args = ["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.data.batch_size=30"]
+    r = run_main(args)
+    assert r.returncode == 2 and "Traceback" not in r.stderr, r.stderr[-3000:]
+    assert "python -m imm_jax.main: error: Invalid config:" in r.stderr
+    assert "not divisible by config.imm.particles=4" in r.stderr
+    # tracebacks on request, for user errors too
+    r = run_main(args, env_extra={"IMM_JAX_TRACEBACK": "1"})
+    assert r.returncode != 0 and "Traceback" in r.stderr and "ConfigError" in r.stderr
+    r = run_main(["--config=configs/tiny.py", "--config.seed=1"])
+    assert r.returncode == 2 and "error: --workdir is required" in r.stderr and "Traceback" not in r.stderr
 
 
 @pytest.mark.slow

@@ -189,18 +189,29 @@ class Sampler:
     def decode(self, x) -> np.ndarray:
         """Model-space samples -> uint8 (N, H, W, C); latent models decode through the SD-VAE."""
         x = np.asarray(x)  # (a replicated global array in multi-process sampling)
-        if self.config.data.get("source", "") == "latents":
+        if self.is_latent:
             return self._decode_latents(x)
         return images.to_uint8(x, int(self.config.data.get("pad", 0) or 0))
+
+    @property
+    def is_latent(self) -> bool:
+        return self.config.data.get("source", "") == "latents"
+
+    def vae_dir(self) -> str:
+        """The local SD-VAE directory a latent model decodes with (checked); ValueError/FileNotFoundError if none."""
+        from imm_jax.networks import vae
+        path = self._vae_path or self.config.get("vae", {}).get("path", "")
+        if not path:
+            raise ValueError("this is a latent model: pass vae_path=<local diffusers directory of "
+                             "stabilityai/sd-vae-ft-ema> to imm_jax.load / imm_jax.sample (--vae_path on the "
+                             "command line) to decode its samples.")
+        return vae.check_local_dir(path)
 
     def _decode_latents(self, x) -> np.ndarray:
         from imm_jax.networks import vae
         if self._vae is None:
-            path = self._vae_path or self.config.get("vae", {}).get("path", "")
-            if not path:
-                raise ValueError("this is a latent model: pass vae_path=<local diffusers dir of "
-                                 "stabilityai/sd-vae-ft-ema> to imm_jax.load / imm_jax.sample to decode.")
-            module, params = vae.load_pretrained(path, dtype=self.config.get("vae", {}).get("dtype", "float16"))
+            module, params = vae.load_pretrained(self.vae_dir(),
+                                                 dtype=self.config.get("vae", {}).get("dtype", "float16"))
             self._vae = (module, params, jax.jit(lambda p, z: vae.decode_to_uint8(module, p, z)))
         _, params, fn = self._vae
         return np.concatenate([np.asarray(fn(params, x[i:i + 8])) for i in range(0, len(x), 8)])
@@ -220,6 +231,8 @@ class Sampler:
         tuned: use the loaded tuned time embeddings (None: if any are loaded; see `generate`).
         params: EMA params to use instead of the loaded ones (the training loop passes its current EMA).
         """
+        if self.is_latent:
+            self.vae_dir()  # before any sampling: a missing or wrong VAE path fails now, not after the last batch
         opts = resolve_options(self.config, preset=preset, steps=steps, grid=grid, mid_etas=mid_etas,
                                cfg_scale=cfg_scale)
         if self.num_classes == 0:

@@ -7,6 +7,8 @@ Kinds (each picks the matching config; override with --config path.py[:args]):
   cifar10       CIFAR-10 DDPM++ (`cifar10.pt`)                  configs/cifar10.py
   im256_ts_a2   ImageNet-256 DiT-XL/2, t-s input, a=2           configs/imagenet256.py:variant=XL/2,a=2,temb=stride
   im256_s_a1    ImageNet-256 DiT-XL/2, s input, a=1             configs/imagenet256.py:variant=XL/2,a=1,temb=s
+  im256_<size>_<temb>  a DiT of your own on ImageNet-256 latents: size s2 | b2 | l2 | xl2 (DiT-S/2 ... XL/2),
+                temb s (second time input s) | stride (t - s), e.g. im256_b2_s; configs/imagenet256.py:variant=...
 
 Inputs read WITHOUT torch and without executing anything from the file:
   * EDM persistence pickles (the released `.pkl`/`.pt` files: a dict whose 'ema' entry is a pickled
@@ -52,14 +54,16 @@ Mapping table (torch name -> imm_jax param path; layout change):
 from __future__ import annotations
 
 import argparse
+import os
 import re
+import shutil
 import sys
 from typing import Any, Iterable
 
 import numpy as np
 import safetensors.numpy
 
-from imm_jax import config_files
+from imm_jax import config_files, errors
 from imm_jax.io import torch_pickle
 
 # ------------------------------------------------------------------------------------ reading
@@ -191,19 +195,19 @@ def convert_state_dict(state: dict[str, np.ndarray], model_config, *, prefix: st
     outside = sorted(k for k in state if not k.startswith(prefix))
     state = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
 
-    errors = []
+    problems = []
     if outside:
-        errors.append(f"keys outside prefix {prefix!r}: {outside[:10]}")
+        problems.append(f"keys outside prefix {prefix!r}: {outside[:10]}")
     leaves = []
     num_heads = int(model_config.get("num_heads", 1) or 1)
     for key, (path, leaf) in wanted.items():
         if key not in state:
-            errors.append(f"missing {key} (for {'/'.join(path)} {tuple(leaf.shape)})")
+            problems.append(f"missing {key} (for {'/'.join(path)} {tuple(leaf.shape)})")
             leaves.append(None)
             continue
         value = _to_layout(name, path, np.asarray(state.pop(key), np.float32), num_heads)
         if value.shape != tuple(leaf.shape):
-            errors.append(f"shape of {key}: {value.shape} after layout change, expected {tuple(leaf.shape)} "
+            problems.append(f"shape of {key}: {value.shape} after layout change, expected {tuple(leaf.shape)} "
                           f"for {'/'.join(path)}")
         leaves.append(value)
 
@@ -213,25 +217,29 @@ def convert_state_dict(state: dict[str, np.ndarray], model_config, *, prefix: st
         if name == "dit" and key == "pos_embed":
             dims = dit_lib.resolve_dims(model_config)
             want = dit_lib.pos_embed_2d(dims["hidden_size"], size // dims["patch_size"])[None]
-            if value.shape != want.shape or not np.allclose(value, want, atol=1e-5):
-                errors.append(f"pos_embed {value.shape} differs from the fixed 2-D sin-cos table {want.shape}")
+            if value.shape != want.shape:
+                problems.append(f"pos_embed has shape {value.shape}, the model's 2-D sin-cos table {want.shape} "
+                                "(image size or patch size differs)")
+            elif not np.allclose(value, want, atol=1e-5):
+                problems.append(f"pos_embed values differ from the model's fixed 2-D sin-cos table (max |diff| "
+                                f"{np.max(np.abs(value - want)):.3g}): not a sin-cos DiT, or another hidden size order")
             state.pop(key)
         elif name == "unet" and key.endswith(".resample_filter"):
             want = unet_lib._filter_2d(tuple(model_config.resample_filter))[None, None]
             if value.shape != want.shape or not np.allclose(value, want):
-                errors.append(f"{key} {value.reshape(-1)[:4]}... does not match model.resample_filter "
+                problems.append(f"{key} {value.reshape(-1)[:4]}... does not match model.resample_filter "
                               f"{tuple(model_config.resample_filter)}")
             state.pop(key)
         elif name == "unet" and key.endswith(".freqs"):
-            errors.append(f"{key}: Fourier-embedding checkpoints are not supported (imm_jax derives the "
+            problems.append(f"{key}: Fourier-embedding checkpoints are not supported (imm_jax derives the "
                           "frequencies from model.fourier_seed)")
             state.pop(key)
     if state:
-        errors.append(f"unexpected keys (not mapped): {sorted(state)[:20]}"
+        problems.append(f"unexpected keys (not mapped): {sorted(state)[:20]}"
                       + (f" ... ({len(state)} in all)" if len(state) > 20 else ""))
-    if errors:
-        raise ValueError("checkpoint does not match model config "
-                         f"{name!r}:\n  " + "\n  ".join(errors)
+    if problems:
+        raise errors.UserError("checkpoint does not match model config "
+                         f"{name!r}:\n  " + "\n  ".join(problems)
                          + "\n(--ignore REGEX skips keys, --prefix sets the wrapper prefix)")
     return jax.tree_util.tree_unflatten(treedef, leaves)
 
@@ -242,6 +250,8 @@ KINDS = {
     "cifar10": ("cifar10.py", None),
     "im256_ts_a2": ("imagenet256.py", "variant=XL/2,a=2,temb=stride"),
     "im256_s_a1": ("imagenet256.py", "variant=XL/2,a=1,temb=s"),
+    **{f"im256_{size.lower()}2_{temb}": ("imagenet256.py", f"variant={size}/2,temb={temb}")
+       for size in ("S", "B", "L", "XL") for temb in ("s", "stride")},
 }
 
 
@@ -273,12 +283,29 @@ def main(argv=None):
     parser.add_argument("--prefix", default="auto", help="wrapper prefix to strip, e.g. 'model.' (default auto)")
     parser.add_argument("--ignore", action="append", default=[], help="regex of keys to skip (repeatable)")
     parser.add_argument("--entry", default="ema", help="key of the network in the pickled dict")
+    parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     args = parser.parse_args(argv)
     if not args.config and not args.kind:
-        parser.error("give --kind (cifar10|im256_ts_a2|im256_s_a1) or --config")
+        parser.error(f"give --kind (one of {', '.join(sorted(KINDS))}) or --config")
+    errors.run(parser.prog, _convert_cli, args)
+
+
+def _convert_cli(args):
+    if not os.path.isfile(args.input):
+        raise FileNotFoundError(f"--input {args.input!r}: no such file.")
+    output = os.path.abspath(args.output)
+    if os.path.isdir(output) and os.listdir(output) and not args.overwrite:
+        raise errors.UserError(f"--output {args.output!r} exists and is not empty; pass --overwrite to replace it, "
+                               "or choose another directory.")
     config = config_files.load(args.config or default_config_spec(args.kind))
-    path = convert(args.input, args.output, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry)
-    print(f"wrote {path} (model {config.model.name})")
+    # Written beside the target and moved into place: a failed conversion leaves --output as it was.
+    tmp = output + ".converting"
+    shutil.rmtree(tmp, ignore_errors=True)
+    path = convert(args.input, tmp, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry)
+    if os.path.exists(output):
+        shutil.rmtree(output)
+    os.replace(tmp, output)
+    print(f"wrote {os.path.join(output, os.path.relpath(path, tmp))} (model {config.model.name})")
 
 
 if __name__ == "__main__":

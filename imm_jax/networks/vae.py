@@ -508,19 +508,30 @@ WEIGHTS_NAME = "diffusion_pytorch_model.safetensors"
 CONFIG_NAME = "config.json"
 
 
+def check_local_dir(path: str | os.PathLike) -> str:
+    """`path` if it is a local diffusers AutoencoderKL directory; FileNotFoundError saying what to do if not."""
+    path = os.fspath(path)
+    missing = [n for n in (CONFIG_NAME, WEIGHTS_NAME) if not os.path.isfile(os.path.join(path, n))]
+    if not missing:
+        return path
+    hint = ""
+    if not os.path.exists(path) and re.fullmatch(r"[\w.-]+/[\w.-]+", path):
+        hint = (f" {path!r} looks like a model-hub name: imm_jax never downloads. Make a local copy once where "
+                f"internet is available (e.g. diffusers' AutoencoderKL.from_pretrained({path!r})"
+                ".save_pretrained(DIR)) and pass DIR.")
+    raise FileNotFoundError(
+        f"VAE path {path!r} is not a local diffusers AutoencoderKL directory: {' and '.join(missing)} not found "
+        f"there (it needs {CONFIG_NAME} and {WEIGHTS_NAME}, e.g. a local copy of stabilityai/sd-vae-ft-ema).{hint}")
+
+
 def load_pretrained(path: str | os.PathLike, dtype: str | Any = "float32"):
     """Loads a local diffusers AutoencoderKL directory -> (AutoencoderKL module, float32 params).
 
     `path` holds `config.json` and `diffusion_pytorch_model.safetensors` (e.g. a local copy of
     stabilityai/sd-vae-ft-ema); `dtype` is the compute dtype.
     """
-    path = os.fspath(path)
+    path = check_local_dir(path)
     cfg_file, w_file = os.path.join(path, CONFIG_NAME), os.path.join(path, WEIGHTS_NAME)
-    for f in (cfg_file, w_file):
-        if not os.path.isfile(f):
-            raise FileNotFoundError(
-                f"{f} not found. Point the VAE path at a local diffusers AutoencoderKL directory with "
-                f"{CONFIG_NAME} and {WEIGHTS_NAME} (download it once, e.g. stabilityai/sd-vae-ft-ema).")
     with open(cfg_file) as f:
         config = VAEConfig.from_diffusers(json.load(f))
     params = params_from_state_dict(safetensors.numpy.load_file(w_file), config)

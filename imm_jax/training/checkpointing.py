@@ -91,9 +91,21 @@ class Checkpointer:
         return None
 
 
+class _DropReadOnlyNotice(logging.Filter):
+    """orbax warns "Given directory is read only" for every read-only manager: that is what we asked for."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "Given directory is read only" not in record.getMessage()
+
+
 def _manager_for_reading(directory: str) -> ocp.CheckpointManager:
     options = ocp.CheckpointManagerOptions(read_only=True, create=False)
-    return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    absl_logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
+    absl_logger.addFilter(notice)
+    try:
+        return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
+    finally:
+        absl_logger.removeFilter(notice)
 
 
 def _resolve(path: str) -> tuple[str, int | None]:

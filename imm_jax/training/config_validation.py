@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 
+from imm_jax.errors import UserError
 from imm_jax.training.optim import OPTIMIZERS
 from imm_jax.training.input_pipeline import SOURCES
 
@@ -21,7 +22,7 @@ KNOWN_TOP = set(REQUIRED[""]) | {"vae", "eval"}  # optional: vae (latent models'
 EVAL_FIELDS = ("every", "num_samples", "steps", "batch_size", "ref_split", "ref_images", "ref_stats", "weights", "seed")
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A config value that cannot work; the message names the field and the fix."""
 
 

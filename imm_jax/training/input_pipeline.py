@@ -59,8 +59,10 @@ def read_idx(path: str) -> np.ndarray:
 
 
 def find_fashion_mnist(path: str | None, split: str) -> tuple[str, str] | None:
+    """(images, labels) IDX paths of `split` in `path` (only there), or in the Debian package's directory when
+    no path is given; None if absent."""
     names = FASHION_MNIST_FILES[split]
-    for d in ([path] if path else []) + list(FASHION_MNIST_DIRS):
+    for d in [path] if path else list(FASHION_MNIST_DIRS):
         for img, lbl in ((names[0], names[1]), (names[0][:-3], names[1][:-3])):
             pi, pl = os.path.join(d, img), os.path.join(d, lbl)
             if os.path.exists(pi) and os.path.exists(pl):
@@ -103,11 +105,17 @@ def fashion_mnist_source(data_config) -> ArraySource:
         except Exception:  # noqa: BLE001 - any tfds failure means "not available here"
             pass
         if images is None:
-            where = ", ".join(([path] if path else []) + list(FASHION_MNIST_DIRS))
+            files = " + ".join(FASHION_MNIST_FILES[split])
+            if path:  # an explicit path never falls back to another copy
+                raise FileNotFoundError(
+                    f"Fashion-MNIST {split} split not found in config.data.path={path!r}: looked for {files} (or "
+                    f"the same without .gz) there, and for a tfds 'fashion_mnist' dataset with data_dir={path!r}. "
+                    "Point --config.data.path at the directory holding the IDX files, or leave it empty to use "
+                    f"the Debian package's copy in {FASHION_MNIST_DIRS[0]}.")
             raise FileNotFoundError(
-                "Fashion-MNIST not found (looked in: " + where + ", and tfds 'fashion_mnist'). Install it with "
-                "`sudo apt-get install dataset-fashion-mnist`, or set --config.data.path=DIR to a directory holding "
-                "the four IDX files (train-images-idx3-ubyte.gz, ...).")
+                f"Fashion-MNIST not found: looked for {files} in {', '.join(FASHION_MNIST_DIRS)} and for tfds "
+                "'fashion_mnist'. Install it with `apt-get install dataset-fashion-mnist` (as root, else with "
+                "sudo), or set --config.data.path=DIR to a directory holding the four IDX files.")
     pad = int(data_config.get("pad", 2))
     if pad:
         images = np.pad(images, ((0, 0), (pad, pad), (pad, pad), (0, 0)))  # background 0 -> -1 after scaling

@@ -151,15 +151,33 @@ class Trainer:
 # ----------------------------------------------------------------------------- metric writers
 
 class MetricWriter:
-    """JSON lines + TensorBoard on process 0; no-op elsewhere."""
+    """JSON lines + TensorBoard on process 0; no-op elsewhere.
 
-    def __init__(self, workdir: str, enabled: bool):
+    resume_step: the checkpoint step a resumed run continues from. Rows of later steps (logged before the
+    interruption, then trained again) are dropped from metrics.jsonl, and TensorBoard is told to purge them
+    (purge_step), so each step appears once.
+    """
+
+    def __init__(self, workdir: str, enabled: bool, resume_step: int | None = None):
         self.enabled = enabled
         if enabled:
-            self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+            path = os.path.join(workdir, "metrics.jsonl")
+            if resume_step is not None and os.path.isfile(path):
+                with open(path) as f:
+                    lines = f.readlines()
+                # a line torn by a kill does not parse and is dropped too (appending to it would corrupt the next)
+                keep = [ln for ln in lines
+                        if ln.endswith("\n") and (st := _jsonl_step(ln)) is not None and st <= resume_step]
+                if len(keep) != len(lines):
+                    with open(path + ".tmp", "w") as f:
+                        f.writelines(keep)
+                    os.replace(path + ".tmp", path)
+            self._jsonl = open(path, "a")
             import tensorboardX  # ~1 s of protobuf imports, needed on process 0 only
 
-            self._tb = tensorboardX.SummaryWriter(logdir=workdir, filename_suffix=".imm_jax")
+            self._tb = tensorboardX.SummaryWriter(
+                logdir=workdir, filename_suffix=".imm_jax",
+                purge_step=None if resume_step is None else int(resume_step) + 1)
 
     def write(self, step: int, metrics: dict[str, float]):
         if not self.enabled:
@@ -176,7 +194,12 @@ class MetricWriter:
             self._tb.close()
 
 
-# ----------------------------------------------------------------------------- sample grids
+def _jsonl_step(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
+
 
 # ----------------------------------------------------------------------------- loop
 
@@ -319,7 +342,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
 
     schedule = LoopSchedule.from_config(config)
     num_steps, log_every = schedule.num_steps, schedule.log_every
-    writer = MetricWriter(workdir, is_host0)
+    writer = MetricWriter(workdir, is_host0, resume_step=None if restored is None else start)
     # One Sampler for the grids and the in-training FID, over the trainer's mesh (every process calls it: the
     # program is global); latent models decode through the VAE at config.vae.path, without it they get no grids.
     latent = config.data.source == "latents"
