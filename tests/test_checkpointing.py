@@ -34,6 +34,14 @@ def assert_tree_equal(a, b):
     assert jax.tree.structure(a) == jax.tree.structure(b)
 
 
+def damage(item_dir):
+    """Removes the array data of one saved item (what a crash mid-write or a lost file leaves)."""
+    for name in os.listdir(item_dir):
+        if name.startswith("ocdbt") or name == "d" or name == "manifest.ocdbt":
+            p = item_dir / name
+            shutil.rmtree(p) if p.is_dir() else p.unlink()
+
+
 def test_round_trip_and_items(tmp_path):
     ck = checkpointing.Checkpointer(str(tmp_path), max_to_keep=2)
     for s in (1, 2, 3):
@@ -81,12 +89,7 @@ def test_damaged_latest_falls_back_to_previous(tmp_path, caplog):
         main, ema = items(s)
         ck.save(s, main, ema, cfg(), {"step": s})
     ck.wait()
-    # damage the latest: remove the array data of its state item
-    state_dir = tmp_path / "2" / "state"
-    for name in os.listdir(state_dir):
-        if name.startswith("ocdbt") or name == "d" or name == "manifest.ocdbt":
-            p = state_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    damage(tmp_path / "2" / "state")  # the latest step's train state
     main_a, ema_a = items(1)
     with caplog.at_level("ERROR"):
         step, main, ema, _ = ck.restore(abstract(main_a), abstract(ema_a))
@@ -114,11 +117,7 @@ def test_sampling_restore_falls_back_past_a_damaged_latest(tmp_path, caplog):
         ck.save(s, main, ema, cfg(), {"step": s})
     ck.wait()
     ck.close()
-    ema_dir = tmp_path / "2" / "ema"
-    for name in os.listdir(ema_dir):
-        if name.startswith("ocdbt") or name == "d" or name == "manifest.ocdbt":
-            p = ema_dir / name
-            shutil.rmtree(p) if p.is_dir() else p.unlink()
+    damage(tmp_path / "2" / "ema")
     with caplog.at_level("ERROR"):
         config, emas = checkpointing.restore_for_sampling(str(tmp_path))
     assert sorted(emas) == ["0.999", "0.9999"]
