@@ -90,3 +90,20 @@ def test_sigterm_to_process_checkpoints(tmp_path):
     steps = sorted(int(s) for s in os.listdir(tmp_path / "checkpoints") if s.isdigit())
     assert len(steps) == 1 and 3 <= steps[0] < 100000
     assert f"Preempted: checkpoint written at step {steps[0]}" in out
+
+
+@pytest.mark.parametrize("module,args,message", [
+    ("imm_jax.evaluation", ["fid", "--samples=/nonexistent.npz", "--ref=/nonexistent_ref.npz"],
+     "python -m imm_jax.evaluation: error: [Errno 2] No such file or directory: '/nonexistent.npz'"),
+    ("imm_jax.tuning", ["--checkpoint=/nonexistent", "--workdir=/tmp/imm_jax_tune_x"],
+     "python -m imm_jax.tuning: error: No checkpoint found under /nonexistent."),
+    ("imm_jax.tools.encode_latents", ["--source=folder", "--data_dir=/nonexistent", "--vae=/nonexistent",
+                                      "--out=/tmp/imm_jax_lat_x", "--resolution=16"],
+     "python -m imm_jax.tools.encode_latents: error: --data_dir=/nonexistent is not a directory."),
+])
+def test_other_command_lines_report_user_errors(module, args, message):
+    """Every CLI: a user error is one line on stderr and exit status 2, without a traceback or library noise."""
+    env = dict(os.environ, JAX_PLATFORMS="cpu")
+    r = subprocess.run([sys.executable, "-m", module] + args, cwd=ROOT, env=env, capture_output=True, text=True,
+                       timeout=300)
+    assert r.returncode == 2 and r.stderr.strip() == message, r.stderr[-2000:]

@@ -104,6 +104,7 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
+    from imm_jax import errors
     from imm_jax.kernels import host_memory
     host_memory.keep_freed_memory()
-    main(sys.argv[1:])
+    errors.run("python -m imm_jax.evaluation", main, sys.argv[1:])

@@ -50,7 +50,6 @@ import dataclasses
 import json
 import math
 import os
-import sys
 import time
 from typing import Callable, Optional, Sequence
 
@@ -464,8 +463,3 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     tune_main(base["checkpoint"], base["workdir"], ema=base["ema"], step=base["step"], name=base["name"],
               **{k: v for k, v in args.items() if v is not None})
 
-
-if __name__ == "__main__":
-    from imm_jax.kernels import host_memory
-    host_memory.keep_freed_memory()
-    main(sys.argv[1:])

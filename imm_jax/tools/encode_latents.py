@@ -272,4 +272,5 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from imm_jax import errors
+    sys.exit(errors.run("python -m imm_jax.tools.encode_latents", main))

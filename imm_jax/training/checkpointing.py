@@ -92,17 +92,18 @@ class Checkpointer:
 
 
 class _DropReadOnlyNotice(logging.Filter):
-    """orbax warns "Given directory is read only" for every read-only manager: that is what we asked for."""
+    """orbax warns for every read-only manager (read only, hence no saves): that is what we asked for."""
 
     def filter(self, record: logging.LogRecord) -> bool:
-        return "Given directory is read only" not in record.getMessage()
+        msg = record.getMessage()
+        return "Given directory is read only" not in msg and "read_only=True, setting save_interval_steps" not in msg
 
 
 def _manager_for_reading(directory: str) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(read_only=True, create=False)
     absl_logger, notice = logging.getLogger("absl"), _DropReadOnlyNotice()
     absl_logger.addFilter(notice)
     try:
+        options = ocp.CheckpointManagerOptions(read_only=True, create=False)
         return ocp.CheckpointManager(os.path.abspath(directory), options=options, item_names=ITEMS)
     finally:
         absl_logger.removeFilter(notice)
