@@ -15,10 +15,6 @@ def load(name, arg=None):
 
 @pytest.mark.parametrize("name", ["tiny", "fashion_mnist", "imagenet256", "cifar10"])
 def test_configs_load_and_validate(name):
-    if name == "cifar10":
-        from imm_jax import networks
-        if not hasattr(networks, "unet_config"):
-            pytest.skip("networks.unet_config not available yet")
     c = load(name)
     config_validation.validate(c, num_devices=8 if name == "tiny" else 1)
     with open(os.path.join(CONFIG_DIR, name + ".py")) as f:
@@ -26,9 +22,6 @@ def test_configs_load_and_validate(name):
 
 
 def test_cifar10_recipe():
-    from imm_jax import networks
-    if not hasattr(networks, "unet_config"):
-        pytest.skip("networks.unet_config not available yet")
     c = load("cifar10")
     assert (c.data.batch_size, c.imm.particles, c.imm.k, c.imm.a, c.imm.b) == (4096, 4, 15, 1.0, 5.0)
     assert (c.imm.f_type, c.imm.schedule, c.optim.name, c.data.random_flip) == ("simple_edm", "fm", "radam", True)
