@@ -7,7 +7,8 @@
 Each mutant is one small edit of one expression in a core module (an arithmetic or comparison operator
 swapped, a numeric constant changed, a unary minus dropped, maximum <-> minimum, where's branches swapped),
 made on the parsed source (ast) and written into a copy of the package; the tests named in TESTS (the fast ones
-that exercise core, including the 2-D toy) then run against the copy in a subprocess. A mutant is killed when
+that exercise core, including the 2-D toy) then run from a copy of the repository in a subprocess, after a check
+that the copy, not the checkout, is what gets imported. A mutant is killed when
 the tests fail or time out, survives when they pass. Docstrings and error messages are not mutated. Results are
 appended to --out as they finish (an interrupted run resumes); the summary lists the surviving mutants, which
 are either missing tests or equivalent mutants (a change that cannot alter any result), to be read by hand.
@@ -122,13 +123,27 @@ def mutate(source: str, index: int) -> str:
     raise IndexError(f"mutation site {index} not found")
 
 
+def _env(package_root: str) -> dict:
+    return dict(os.environ, PYTHONPATH=package_root, JAX_PLATFORMS="cpu")
+
+
+def check_copy_is_imported(package_root: str) -> None:
+    """The tests must import the mutated copy, not the checkout (an editable install or the working directory
+    would otherwise shadow it and every mutant would 'survive')."""
+    code = "import imm_jax.core.mmd as m, imm_jax.configs as c; print(m.__file__); print(c.__file__)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=package_root, env=_env(package_root),
+                         capture_output=True, text=True, check=True).stdout.split()
+    if not all(os.path.realpath(f).startswith(os.path.realpath(package_root)) for f in out):
+        raise SystemExit(f"the package copy is shadowed: imports resolve to {out}")
+
+
 def run_tests(package_root: str, timeout: float) -> tuple[str, float]:
     """'killed' | 'survived' | 'timeout' for the package copy at package_root, and seconds taken."""
-    env = dict(os.environ, PYTHONPATH=package_root, JAX_PLATFORMS="cpu")
     t0 = time.time()
     try:
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
-                           cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+                           cwd=package_root, env=_env(package_root), capture_output=True, text=True,
+                           timeout=timeout)
     except subprocess.TimeoutExpired:
         return "timeout", time.time() - t0
     return ("survived" if r.returncode == 0 else "killed"), time.time() - t0
@@ -163,9 +178,13 @@ def main(argv=None):
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(os.path.join(ROOT, "imm_jax"), os.path.join(tmp, "imm_jax"),
                         ignore=shutil.ignore_patterns("__pycache__"))
-        # the copy must see the installed configs package too (imm_jax.configs is the repository's configs/)
-        shutil.copytree(os.path.join(ROOT, "configs"), os.path.join(tmp, "imm_jax", "configs"),
-                        ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        # imm_jax.configs is the repository's configs/ (installed by package_dir); the tests run from the copy
+        for src, dst in (("configs", "imm_jax/configs"), ("configs", "configs"), ("tests", "tests"),
+                         ("examples", "examples")):
+            shutil.copytree(os.path.join(ROOT, src), os.path.join(tmp, dst),
+                            ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+        shutil.copy(os.path.join(ROOT, "setup.cfg"), tmp)
+        check_copy_is_imported(tmp)
         baseline, secs = run_tests(tmp, args.timeout)
         if baseline != "survived":
             raise SystemExit(f"the unmutated tests do not pass ({baseline}); fix that first")
