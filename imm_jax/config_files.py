@@ -40,6 +40,17 @@ def resolve(spec: str) -> str:
                             f"are {', '.join('configs/' + n + '.py' for n in available())}.")
 
 
+def flag_value(argv: Sequence[str], flag: str = "config") -> str | None:
+    """The value of the last --FLAG=VALUE / --FLAG VALUE in argv, or None."""
+    value = None
+    for i, a in enumerate(argv):
+        if a.startswith(f"--{flag}="):
+            value = a.split("=", 1)[1]
+        elif a == f"--{flag}" and i + 1 < len(argv):
+            value = argv[i + 1]
+    return value
+
+
 def resolve_argv(argv: Sequence[str], flag: str = "config") -> list[str]:
     """argv with the value of --FLAG=SPEC / --FLAG SPEC resolved by `resolve` (overrides --FLAG.x=... untouched)."""
     out, argv = [], list(argv)

@@ -124,23 +124,15 @@ def main(argv):
     train.train_and_evaluate(FLAGS.config, FLAGS.workdir)
 
 
-def _config_spec(argv) -> str:
-    spec = "configs/fashion_mnist.py"
-    for i, a in enumerate(argv):
-        if a.startswith("--config="):
-            spec = a.split("=", 1)[1]
-        elif a == "--config" and i + 1 < len(argv):
-            spec = argv[i + 1]
-    return spec
-
-
 def _parse_flags(argv):
-    def check(argv):
-        argv = config_files.resolve_argv(argv)
-        if any(a.startswith("--config.") for a in argv):  # unknown fields: say which and what exists
-            config_files.check_overrides(config_files.load(_config_spec(argv)), argv)
-        return argv
-    return app.parse_flags_with_usage(errors.run("python -m imm_jax.main", check, argv))
+    prog = "python -m imm_jax.main"
+    argv = errors.run(prog, config_files.resolve_argv, argv)
+    try:
+        return app.parse_flags_with_usage(argv)
+    except (AttributeError, KeyError):  # ml_collections' bare "'name'" for an unknown --config.a.b: say which and what exists
+        spec = config_files.flag_value(argv) or config_files.resolve("configs/fashion_mnist.py")
+        errors.run(prog, lambda: config_files.check_overrides(config_files.load(spec), argv))
+        raise
 
 
 def _main(argv):

@@ -9,11 +9,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from imm_jax.inference import api
 from imm_jax import networks
-from imm_jax.training import train
+from imm_jax.inference import api
 from imm_jax.kernels import cpu_attention, cpu_dense
 from imm_jax.networks import layers
+from imm_jax.training import train
 from test_config import load
 
 PLATFORMS = ("tpu", "cuda")

@@ -10,11 +10,11 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "configs"))
 
 import imm_jax
-from imm_jax.training import checkpointing
-from imm_jax.inference import export
-from imm_jax.core import sampling
 from imm_jax import networks
+from imm_jax.core import sampling
 from imm_jax.core.losses import IMMObjective
+from imm_jax.inference import export
+from imm_jax.training import checkpointing
 
 
 def tiny_config():

@@ -13,11 +13,11 @@ import pytest
 import scipy.linalg
 
 import imm_jax
-from imm_jax.inference import api
-from imm_jax.training import config_validation, input_pipeline, train
-from imm_jax.io import images
 from imm_jax.core import losses, sampling
 from imm_jax.evaluation import in_training
+from imm_jax.inference import api
+from imm_jax.io import images
+from imm_jax.training import config_validation, input_pipeline, train
 from test_config import load
 
 

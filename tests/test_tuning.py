@@ -9,11 +9,11 @@ import numpy as np
 import pytest
 
 import imm_jax
-from imm_jax.training import checkpointing
 from imm_jax import networks
 from imm_jax.core import sampling
-from imm_jax.inference import tuned_vectors, tuning
 from imm_jax.core.losses import IMMObjective
+from imm_jax.inference import tuned_vectors, tuning
+from imm_jax.training import checkpointing
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402

@@ -25,11 +25,11 @@ import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax.io import images
 from imm_jax import networks
 from imm_jax.core import sampling
-from imm_jax.inference import tuned_vectors
 from imm_jax.core.losses import IMMObjective, objective_name
+from imm_jax.inference import tuned_vectors
+from imm_jax.io import images
 
 # The paper's sampler settings (spec §5, §7): CIFAR-10 unconditional, ImageNet-256 uniform grids, CFG 1.5.
 PRESETS = {
@@ -79,15 +79,14 @@ class Sampler:
         self.net = networks.build(config.model, backend=backend, devices=self.devices)
         self.objective = IMMObjective.from_config(config.imm, num_classes=config.model.num_classes)
         self.num_classes = int(config.model.num_classes)
-        if mesh is None:
-            mesh = Mesh(np.asarray(self.devices), ("data",))
-            self._replicated = NamedSharding(mesh, P())
+        own_mesh = mesh is None
+        mesh = Mesh(np.asarray(self.devices), ("data",)) if own_mesh else mesh
+        self._replicated = NamedSharding(mesh, P())
+        if own_mesh:
             self._params_sharding, self._batch_sharding = self._replicated, NamedSharding(mesh, P("data"))
-            self._batch_multiple = len(self.devices)
         else:  # a global mesh: numpy inputs must be replicated; the output is replicated for every host
-            self._replicated = NamedSharding(mesh, P())
             self._params_sharding, self._batch_sharding = None, self._replicated
-            self._batch_multiple = int(mesh.shape.get("data", 1))
+        self._batch_multiple = int(mesh.shape["data"])
         self.params = None if params is None else jax.device_put(params, self._params_sharding or self._replicated)
         self.shape = (int(config.model.image_size),) * 2 + (int(config.model.in_channels),)
         self._programs = {}

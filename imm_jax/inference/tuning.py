@@ -59,11 +59,11 @@ import numpy as np
 import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
-from imm_jax.inference import api
-from imm_jax.core import interpolants, sampling
 from imm_jax import networks
-from imm_jax.inference.tuned_vectors import TunedVectors, save
+from imm_jax.core import interpolants, sampling
 from imm_jax.core.losses import IMMObjective, objective_name
+from imm_jax.inference import api
+from imm_jax.inference.tuned_vectors import TunedVectors, save
 
 SAMPLERS = ("euler", "pushforward")
 TEACHERS = {"euler": ("euler", "heun"), "pushforward": ("pushforward",)}

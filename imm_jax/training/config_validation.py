@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 
 from imm_jax.errors import UserError
-from imm_jax.training.optim import OPTIMIZERS
 from imm_jax.training.input_pipeline import SOURCES
+from imm_jax.training.optim import OPTIMIZERS
 
 REQUIRED = {
     "": ("seed", "model", "imm", "data", "optim", "train", "mesh", "sample"),

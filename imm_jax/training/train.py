@@ -5,7 +5,7 @@ Per-step randomness is `fold_in(state.rng, step)`, the data pipeline is a pure f
 state lives in the checkpoint, so a resumed run reproduces the uninterrupted one bit for bit (CPU).
 
 Outputs in `workdir`: config.json (resolved config), metrics.jsonl, events.out.tfevents.* (TensorBoard
-scalars, written without TensorFlow), samples/*.png (1/2/4-step grids from fixed noise), checkpoints/.
+scalars, through tensorboardX), samples/*.png (1/2/4-step grids from fixed noise), checkpoints/.
 """
 from __future__ import annotations
 
@@ -24,10 +24,11 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from imm_jax import errors
 from imm_jax.inference import api
+from imm_jax.io import images
 from imm_jax.training import checkpointing
 from imm_jax.training import config_validation
-from imm_jax.io import images
 from imm_jax.training import input_pipeline
 from imm_jax.training import optim
 from imm_jax.training import sharding as sharding_lib
@@ -334,7 +335,7 @@ def train_and_evaluate(config, workdir: str, *, hooks: Sequence[Callable] = (), 
         start, main_item, ema_item, data_pos = restored
         state = ts.TrainState.join_from_checkpoint(main_item, ema_item)
         if int(data_pos.get("step", start)) != start or int(data_pos.get("batch_size", pipeline.batch_size)) != pipeline.batch_size:
-            raise ValueError(f"Checkpoint step {start} has data position {data_pos}, which does not match this run "
+            raise errors.UserError(f"Checkpoint step {start} has data position {data_pos}, which does not match this run "
                              f"(batch_size={pipeline.batch_size}); resume with the config the run was started with.")
         logging.info("Resumed from checkpoint at step %d.", start)
         if is_host0:
