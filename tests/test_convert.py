@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 
 from imm_jax import config_files, networks
-from imm_jax.io import convert
+from imm_jax.io import architecture, convert
 from imm_jax.networks import unet as unet_lib
 
 SQ = math.sqrt(0.5)
@@ -474,10 +474,11 @@ class _FakeTorch:
                 return fake.utils._rebuild_parameter, (Tensor(), False, __import__("collections").OrderedDict())
         return Param() if parameter else Tensor()
 
-    def module(self, params, buffers, children, persistent_name=None):
-        """A torch module: EDM-persistent (reduces to _reconstruct_persistent_obj(meta)) or a ModuleDict."""
+    def module(self, params, buffers, children, persistent_name=None, extra=None):
+        """A torch module: EDM-persistent (reduces to _reconstruct_persistent_obj(meta)) or a ModuleDict.
+        `extra`: more pickled attributes (e.g. persistence's _init_args/_init_kwargs)."""
         import collections
-        state = {"training": False,
+        state = {**(extra or {}), "training": False,
                  "_parameters": collections.OrderedDict((k, self.tensor(v)) for k, v in params.items()),
                  "_buffers": collections.OrderedDict((k, self.tensor(v, False)) for k, v in buffers.items()),
                  "_modules": collections.OrderedDict(children), "device": None}
@@ -518,18 +519,20 @@ def _nest(sd):
     return tree
 
 
-def _edm_pickle(sd, path):
-    """Writes an EDM-style persistence pickle {'ema': IMMPrecond(model=Net(...)), ...} of `sd`."""
+def _edm_pickle(sd, path, net_name="SongUNet", precond_state=None, net_state=None):
+    """Writes an EDM-style persistence pickle {'ema': IMMPrecond(model=Net(...)), ...} of `sd`; `precond_state`
+    and `net_state` are extra pickled attributes of the two persistent objects (e.g. _init_kwargs)."""
     with _FakeTorch() as fake:
         def build(node, name, persistent):
             leaves = node.get("__leaves__", {})
             params = {k: v for k, v in leaves.items() if k != "resample_filter"}
             buffers = {k: v for k, v in leaves.items() if k == "resample_filter"}
             children = {k: build(v, k, persistent=False) for k, v in node.items() if k != "__leaves__"}
-            return fake.module(params, buffers, children, persistent_name=name if persistent else None)
+            return fake.module(params, buffers, children, persistent_name=name if persistent else None,
+                               extra=net_state if persistent else None)
 
-        net = build(_nest(sd), "SongUNet", persistent=True)
-        precond = fake.module({}, {}, {"model": net}, persistent_name="IMMPrecond")
+        net = build(_nest(sd), net_name, persistent=True)
+        precond = fake.module({}, {}, {"model": net}, persistent_name="IMMPrecond", extra=precond_state)
         with open(path, "wb") as f:
             pickle.dump({"ema": precond, "dataset_kwargs": {"resolution": 8}}, f, protocol=2)
 
@@ -681,5 +684,143 @@ def test_cli_user_errors_exit_2_and_overwrite(tmp_path, capsys):
     # a wrong architecture is a user error; the existing output is left as it was
     bad = tmp_path / "bad.npz"
     np.savez(bad, **{k: v for k, v in sd.items() if not k.startswith("blocks.1.")})
-    fails(["--input", str(bad)] + base[2:] + ["--overwrite"], "checkpoint does not match model config", "missing")
+    fails(["--input", str(bad)] + base[2:] + ["--overwrite"],
+          "does not match the network in the file", "model.depth: the file has 1, the config 2", "--kind auto")
     assert sorted(os.listdir(out)) == before
+
+
+# ------------------------------------------------------------------------------- architecture checks
+
+# What IMMPrecond records for a tiny DiT (its _init_kwargs; names as the official code's).
+_DIT_RECORD = dict(img_resolution=8, img_channels=4, label_dim=5, mixed_precision=None, noise_schedule="fm",
+                   model_type="DiT", sigma_data=0.5, f_type="euler_fm", T=0.994, eps=0.0, temb_type="stride",
+                   time_scale=1000.0, depth=2, hidden_size=32, patch_size=2, num_heads=2)
+
+
+def _tiny_dit_config_file(tmp_path, temb="s"):
+    cfg_file = tmp_path / "cfg.py"
+    cfg_file.write_text(
+        "from imm_jax import networks\nfrom imm_jax.configs import tiny\n"
+        "def get_config(arg=None):\n    c = tiny.get_config()\n"
+        "    c.model = networks.dit_config(None, image_size=8, in_channels=4, num_classes=5, hidden_size=32,\n"
+        "                                  depth=2, num_heads=2, patch_size=2)\n"
+        f"    c.imm.update(dict(temb={temb!r}, f_type='euler_fm', t_min=0.0))\n    return c\n")
+    return str(cfg_file)
+
+
+def test_recorded_architecture_builds_the_config(tmp_path, capsys):
+    from imm_jax.training import checkpointing
+    sd = official_dit_state(np.random.RandomState(8), 8, 4, 32, 2, 2, 5)
+    path = str(tmp_path / "net.pkl")
+    _edm_pickle(sd, path, net_name="DiT", precond_state={"_init_args": (), "_init_kwargs": dict(_DIT_RECORD),
+                                                          "temb_type": "stride", "T": 0.994})
+    facts = architecture.recorded(convert.load_file(path))
+    assert facts["imm.temb"] == "stride" and facts["imm.f_type"] == "euler_fm" and facts["model.name"] == "dit"
+    assert (facts["model.num_classes"], facts["model.hidden_size"], facts["model.depth"]) == (5, 32, 2)
+    out = tmp_path / "auto"
+    convert.main(["--input", path, "--output", str(out)])  # --kind auto
+    printed = capsys.readouterr().out
+    assert "architecture (recorded in the file)" in printed and "temb=stride" in printed
+    config, emas = checkpointing.restore_for_sampling(str(out))
+    assert (config.imm.temb, config.imm.f_type, config.imm.t_min, config.imm.t_max) == ("stride", "euler_fm", 0, 0.994)
+    assert (config.model.name, config.model.hidden_size, config.model.num_classes, config.model.image_size) == \
+        ("dit", 32, 5, 8)
+    np.testing.assert_array_equal(np.asarray(emas["0.9999"]["blocks_1"]["attn"]["qkv"]["kernel"]),
+                                  sd["blocks.1.attn.qkv.weight"].T)
+    # A preset/config that contradicts the record is an error naming the field; nothing is written.
+    wrong = tmp_path / "wrong"
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--input", path, "--output", str(wrong), "--config", _tiny_dit_config_file(tmp_path, "s")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "imm.temb: the file has 'stride', the config 's'" in err, err
+    assert "--ignore-recorded" in err and not wrong.exists() and not os.path.exists(str(wrong) + ".converting")
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--input", path, "--output", str(wrong), "--kind", "im256_s_a1"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "model.num_classes: the file has 5, the config 1000" in err, err
+    # The matching config converts; --ignore-recorded lets the user overrule a field they know is recorded wrongly.
+    convert.main(["--input", path, "--output", str(tmp_path / "ok"), "--config",
+                  _tiny_dit_config_file(tmp_path, "stride")])
+    convert.main(["--input", path, "--output", str(wrong), "--config", _tiny_dit_config_file(tmp_path, "s"),
+                  "--ignore-recorded", "imm.temb"])
+    assert checkpointing.restore_for_sampling(str(wrong))[0].imm.temb == "s"
+
+
+def test_recorded_positional_args_release_names_and_config_lists(tmp_path):
+    """Positional _init_args, a standard model_type name (DiT_XL_2 -> variant XL/2), attribute fallback, and
+    list values pickled as a list subclass the reader does not know (a config library's list type)."""
+    with _FakeTorch() as fake:
+        class ListConfig(list):
+            pass
+        ListConfig.__module__, ListConfig.__qualname__ = "omegaconf.listconfig", "ListConfig"
+        mod = types.ModuleType("omegaconf.listconfig")
+        mod.ListConfig = ListConfig
+        sys.modules.update({"omegaconf": types.ModuleType("omegaconf"), "omegaconf.listconfig": mod})
+        try:
+            unet = fake.module({}, {}, {}, persistent_name="SongUNet")
+            precond = fake.module({}, {}, {"model": unet}, persistent_name="IMMPrecond", extra={
+                "_init_args": (32, 3, 0),
+                "_init_kwargs": dict(model_type="SongUNet", channel_mult=ListConfig([2, 2, 2]), f_type="simple_edm",
+                                     model_channels=128),
+                "eps": 0.006, "temb_type": "identity"})
+            xl = fake.module({}, {}, {}, persistent_name="IMMPrecond",
+                             extra={"_init_kwargs": dict(model_type="DiT_XL_2", temb_type="stride")})
+            with open(tmp_path / "u.pkl", "wb") as f:
+                pickle.dump({"ema": precond}, f, protocol=2)
+            with open(tmp_path / "d.pkl", "wb") as f:
+                pickle.dump({"ema": xl}, f, protocol=2)
+        finally:
+            sys.modules.pop("omegaconf.listconfig"), sys.modules.pop("omegaconf")
+    facts = architecture.recorded(convert.load_file(str(tmp_path / "u.pkl")))
+    assert facts == {"model.image_size": 32, "model.in_channels": 3, "model.num_classes": 0, "model.name": "unet",
+                     "imm.f_type": "simple_edm", "imm.t_min": 0.006, "imm.temb": "s", "model.model_channels": 128,
+                     "model.channel_mult": [2, 2, 2]}
+    # The packaged CIFAR-10 config agrees with everything recorded for the released CIFAR-10 network.
+    assert architecture.mismatches(facts, config_files.load("configs/cifar10.py")) == []
+    facts = architecture.recorded(convert.load_file(str(tmp_path / "d.pkl")))
+    assert (facts["model.variant"], facts["model.depth"], facts["imm.temb"]) == ("XL/2", 28, "stride")
+    assert architecture.mismatches(facts, config_files.load(convert.default_config_spec("im256_ts_a2"))) == []
+    assert [m[0] for m in architecture.mismatches(facts, config_files.load(
+        convert.default_config_spec("im256_s_a1")))] == ["imm.temb"]
+    assert [m[0] for m in architecture.mismatches(facts, config_files.load(
+        convert.default_config_spec("im256_b2_stride")))] == ["model.depth", "model.hidden_size", "model.num_heads"]
+
+
+def test_state_dict_shapes_determine_the_architecture(tmp_path, capsys):
+    from imm_jax.training import checkpointing
+    # DiT-S/2 from zero-stride views (shapes only): variant, heads, size, classes, s embedder.
+    s2 = official_dit_state(None, 32, 4, 384, 12, 2, 1000, zeros=True)
+    facts = architecture.from_shapes({"model." + k: v for k, v in s2.items()})
+    assert facts == {"model.name": "dit", "model.hidden_size": 384, "model.in_channels": 4, "model.patch_size": 2,
+                     "model.depth": 12, "model.s_embed": True, "model.num_classes": 1000, "model.image_size": 32,
+                     "model.num_heads": 6, "model.variant": "S/2"}
+    # UNet: levels, blocks, attention resolutions, embedding widths.
+    ucfg = tiny_unet_cfg()
+    usd, _ = edm_unet_state(np.random.RandomState(9), ucfg)
+    facts = architecture.from_shapes(usd)
+    assert architecture.mismatches(facts, config_files.load("configs/cifar10.py")) != []
+    got = {k: facts[k] for k in ("model.channel_mult", "model.num_blocks", "model.attn_resolutions",
+                                 "model.model_channels", "model.num_classes", "model.image_size")}
+    assert got == {"model.channel_mult": [1, 2], "model.num_blocks": 1, "model.attn_resolutions": [4],
+                   "model.model_channels": 16, "model.num_classes": 3, "model.image_size": 8}
+    # --kind auto on a state_dict: the time embedding must be stated; then the UNet converts (1 head, as EDM's).
+    one_head = networks.unet_config(image_size=8, in_channels=3, num_classes=3, model_channels=16,
+                                    channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), num_heads=1)
+    sd, _ = edm_unet_state(np.random.RandomState(9), one_head)
+    np.savez(tmp_path / "u.npz", **sd)
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--input", str(tmp_path / "u.npz"), "--output", str(tmp_path / "u")])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "does not record the time embedding" in err and "--temb s" in err, err
+    convert.main(["--input", str(tmp_path / "u.npz"), "--output", str(tmp_path / "u"), "--temb", "stride"])
+    config, emas = checkpointing.restore_for_sampling(str(tmp_path / "u"))
+    assert (config.imm.temb, config.model.name, tuple(config.model.channel_mult)) == ("stride", "unet", (1, 2))
+    want = convert.convert_state_dict(sd, one_head)
+    for a, b in zip(jax.tree_util.tree_leaves(want), jax.tree_util.tree_leaves(emas["0.9999"])):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    # A DiT of no standard size: the number of heads cannot be inferred, and the message says so.
+    np.savez(tmp_path / "d.npz", **official_dit_state(np.random.RandomState(1), 8, 4, 32, 2, 2, 5))
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--input", str(tmp_path / "d.npz"), "--output", str(tmp_path / "d"), "--temb", "s"])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and "number of heads is unknown" in err and "model.num_heads" in err, err

@@ -1,9 +1,16 @@
 """Convert the released IMM weights (PyTorch) into an imm_jax sampling checkpoint.
 
-    python -m imm_jax.convert --input imagenet256_ts_a2.pkl --kind im256_ts_a2 --output ckpt/im256_ts_a2
+    python -m imm_jax.convert --input imagenet256_ts_a2.pkl --output ckpt/im256_ts_a2
     python -m imm_jax.sample ...   # or imm_jax.sample("ckpt/im256_ts_a2", 16)
 
-Kinds (each picks the matching config; override with --config path.py[:args]):
+Architecture (imm_jax.io.architecture): `--kind auto` (the default) builds the config from the file. Official
+pickles record IMMPrecond's construction arguments (model_type, img_resolution, img_channels, label_dim,
+f_type, T, eps, sigma_data, temb_type, time_scale, the network's kwargs); a state_dict's shapes give the
+network's width, depth, patch, channels, size and classes, and `--temb s|stride` states the time embedding
+they cannot show. An explicit `--kind`/`--config` is checked against the same facts: a disagreement is an
+error naming each field, before anything is written (`--ignore-recorded PATH` skips one field).
+
+Kinds (each picks the matching config; or --config path.py[:args]):
   cifar10       CIFAR-10 DDPM++ (`cifar10.pt`)                  configs/cifar10.py
   im256_ts_a2   ImageNet-256 DiT-XL/2, t-s input, a=2           configs/imagenet256.py:variant=XL/2,a=2,temb=stride
   im256_s_a1    ImageNet-256 DiT-XL/2, s input, a=1             configs/imagenet256.py:variant=XL/2,a=1,temb=s
@@ -64,7 +71,7 @@ import numpy as np
 import safetensors.numpy
 
 from imm_jax import config_files, errors
-from imm_jax.io import torch_pickle
+from imm_jax.io import architecture, torch_pickle
 
 # ------------------------------------------------------------------------------------ reading
 
@@ -78,16 +85,9 @@ def load_file(path: str) -> Any:
     return torch_pickle.load(path, unknown="stub")
 
 
-def _module_state(node) -> dict | None:
-    state = getattr(node, "state", None)
-    if isinstance(state, tuple) and state and isinstance(state[0], dict):
-        state = state[0]
-    return state if isinstance(state, dict) else None
-
-
 def flatten_module(node, prefix: str = "") -> dict[str, np.ndarray]:
     """named_parameters + named_buffers of a stubbed torch module tree, as {dotted name: array}."""
-    state = _module_state(node)
+    state = torch_pickle.module_state(node)
     if state is None:
         raise ValueError(f"{prefix or 'root'}: not a pickled torch module ({type(node).__name__})")
     out = {}
@@ -110,7 +110,7 @@ def extract_state_dict(obj, entry: str = "ema") -> dict[str, np.ndarray]:
         if isinstance(node, dict) and all(isinstance(v, np.ndarray) for v in node.values()):
             return dict(node)
         return flatten_module(node)
-    if _module_state(obj) is not None:
+    if torch_pickle.module_state(obj) is not None:
         return flatten_module(obj)
     keys = list(obj) if isinstance(obj, dict) else type(obj).__name__
     raise ValueError(f"cannot find the network: expected a state_dict or a dict with {entry!r} (got {keys})")
@@ -262,11 +262,13 @@ def default_config_spec(kind: str) -> str:
     return f"configs/{filename}:{arg}" if arg else f"configs/{filename}"
 
 
-def convert(input_path: str, output: str, config, *, prefix: str = "auto", ignore=(), entry: str = "ema"):
-    """Reads `input_path`, maps it onto config.model and writes a sampling checkpoint to `output`."""
+def convert(input_path: str, output: str, config, *, prefix: str = "auto", ignore=(), entry: str = "ema",
+            loaded=None):
+    """Reads `input_path` (or uses `loaded`, its load_file result), maps it onto config.model and writes a
+    sampling checkpoint to `output`."""
     from imm_jax.training import checkpointing
 
-    state = extract_state_dict(load_file(input_path), entry)
+    state = extract_state_dict(load_file(input_path) if loaded is None else loaded, entry)
     params = convert_state_dict(state, config.model, prefix=prefix, ignore=ignore)
     config = config.copy_and_resolve_references()
     with config.unlocked():
@@ -274,19 +276,84 @@ def convert(input_path: str, output: str, config, *, prefix: str = "auto", ignor
     return checkpointing.save_for_sampling(output, params, config)
 
 
+def _set(config, path: str, value) -> None:
+    node = config
+    *parents, leaf = path.split(".")
+    for part in parents:
+        node = node[part]
+    node[leaf] = tuple(value) if isinstance(value, list) else value
+
+
+def auto_config(recorded: dict, shapes: dict, temb: str | None = None):
+    """The config of the network a file holds: the matching packaged config (configs/cifar10.py for a
+    DDPM++ UNet, configs/imagenet256.py for a DiT) with every fact the file records or its shapes determine.
+
+    UserError when the file determines no architecture, or leaves out what must be stated (`temb`).
+    """
+    facts = {**shapes, **recorded}
+    name = facts.get("model.name")
+    if name is None:
+        raise errors.UserError("cannot tell which network the file holds (no recorded construction arguments and "
+                               "no DiT or DDPM++ keys): give --kind or --config.")
+    if name.startswith("unsupported:"):
+        raise errors.UserError(f"the file holds a {name.split(':', 1)[1]} network; imm_jax converts SongUNet "
+                               "(DDPM++/NCSN++) and DiT networks.")
+    if temb is not None:
+        if facts.get("imm.temb", temb) != temb:
+            raise errors.UserError(f"--temb {temb} contradicts the file, which records temb_type for "
+                                   f"imm.temb={facts['imm.temb']!r}; drop --temb.")
+        facts["imm.temb"] = temb
+    if "imm.temb" not in facts:
+        raise errors.UserError(
+            "the file does not record the time embedding, and a state_dict's shapes cannot tell it: pass --temb s "
+            "(the network's second time input is s, as in imagenet256_s_a1) or --temb stride (it is t - s, as in "
+            "imagenet256_ts_a2), or give --kind/--config.")
+    if name == "dit" and "model.num_heads" not in facts:
+        raise errors.UserError(
+            f"a DiT of width {facts['model.hidden_size']} and depth {facts['model.depth']} is no standard size "
+            f"(S/B/L/XL), so its number of heads is unknown: give --config with model.num_heads set.")
+    spec = "configs/cifar10.py" if name == "unet" else f"configs/imagenet256.py:temb={facts['imm.temb']}"
+    config = config_files.load(spec)
+    for path, value in sorted(facts.items()):
+        if path != "model.name":
+            _set(config, path, value)
+    if name == "dit" and "model.variant" not in facts:
+        config.model.variant = None
+    return config
+
+
+def check_config(config, facts: dict, ignored=()) -> None:
+    """UserError listing each fact of the file (`facts`, minus config paths in `ignored`) the config contradicts."""
+    problems = [m for m in architecture.mismatches(facts, config) if m[0] not in ignored]
+    if not problems:
+        return
+    lines = [f"  {path}: the file has {want!r}, the config {have!r}" for path, want, have in problems]
+    raise errors.UserError(
+        "the chosen --kind/--config does not match the network in the file:\n" + "\n".join(lines) +
+        "\nDrop --kind/--config (--kind auto) to build the config from the file, choose the matching --kind "
+        "(python -m imm_jax.convert --help lists them) or config args (e.g. configs/imagenet256.py:variant=XL/2,"
+        "temb=stride), or pass --ignore-recorded PATH for a field you know the file records wrongly.")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(prog="python -m imm_jax.convert", description=__doc__.split("\n")[0])
     parser.add_argument("--input", required=True, help="official .pkl/.pt, a torch.save zip, .safetensors or .npz")
     parser.add_argument("--output", required=True, help="directory for the sampling checkpoint")
-    parser.add_argument("--kind", choices=sorted(KINDS), help="which released model (sets the config)")
-    parser.add_argument("--config", help="config file path.py[:args] (default: from --kind)")
+    parser.add_argument("--kind", default="auto", choices=["auto"] + sorted(KINDS),
+                        help="auto (default): the architecture the file records (official pickles) or its shapes "
+                             "determine (state_dicts, with --temb); else a preset, checked against the file")
+    parser.add_argument("--config", help="config file path.py[:args] (instead of --kind), checked against the file")
+    parser.add_argument("--temb", choices=("s", "stride"),
+                        help="time embedding of a state_dict's network with --kind auto: second time input s or t-s")
+    parser.add_argument("--ignore-recorded", action="append", default=[], metavar="PATH",
+                        help="config path (e.g. imm.temb) whose recorded value is not checked (repeatable)")
     parser.add_argument("--prefix", default="auto", help="wrapper prefix to strip, e.g. 'model.' (default auto)")
     parser.add_argument("--ignore", action="append", default=[], help="regex of keys to skip (repeatable)")
     parser.add_argument("--entry", default="ema", help="key of the network in the pickled dict")
     parser.add_argument("--overwrite", action="store_true", help="replace --output if it exists and is not empty")
     args = parser.parse_args(argv)
-    if not args.config and not args.kind:
-        parser.error(f"give --kind (one of {', '.join(sorted(KINDS))}) or --config")
+    if args.config and args.kind != "auto":
+        parser.error("give --kind or --config, not both")
     errors.run(parser.prog, _convert_cli, args)
 
 
@@ -297,11 +364,27 @@ def _convert_cli(args):
     if os.path.isdir(output) and os.listdir(output) and not args.overwrite:
         raise errors.UserError(f"--output {args.output!r} exists and is not empty; pass --overwrite to replace it, "
                                "or choose another directory.")
-    config = config_files.load(args.config or default_config_spec(args.kind))
+    loaded = load_file(args.input)
+    state = extract_state_dict(loaded, args.entry)
+    recorded = {k: v for k, v in architecture.recorded(loaded, args.entry).items()
+                if k not in args.ignore_recorded}
+    shapes = architecture.from_shapes(state)
+    if args.config or args.kind != "auto":
+        config = config_files.load(args.config or default_config_spec(args.kind))
+        if args.temb:
+            config.imm.temb = args.temb
+        check_config(config, {**shapes, **recorded}, args.ignore_recorded)
+        source = "the given config, checked against " + ("what the file records" if recorded else "its shapes")
+    else:
+        config = auto_config(recorded, shapes, args.temb)
+        source = "recorded in the file" if recorded else "the file's shapes" + (" and --temb" if args.temb else "")
+    if "imm.temb" not in recorded:
+        print(f"note: the file does not record its time embedding; converting with imm.temb={config.imm.temb!r}")
+    print(f"architecture ({source}): {architecture.describe({**shapes, **recorded})}")
     # Written beside the target and moved into place: a failed conversion leaves --output as it was.
     tmp = output + ".converting"
     shutil.rmtree(tmp, ignore_errors=True)
-    path = convert(args.input, tmp, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry)
+    path = convert(args.input, tmp, config, prefix=args.prefix, ignore=args.ignore, entry=args.entry, loaded=loaded)
     if os.path.exists(output):
         shutil.rmtree(output)
     os.replace(tmp, output)

@@ -60,7 +60,7 @@ class Stub:
 
     def __new__(cls, *args, **kwargs):
         obj = object.__new__(cls)
-        obj.args, obj.state = args, None
+        obj.args, obj.state, obj.items, obj.dictitems = args, None, [], {}
         return obj
 
     def __init__(self, *args, **kwargs):
@@ -68,6 +68,16 @@ class Stub:
 
     def __setstate__(self, state):
         self.state = state
+
+    # Items pickled for list and dict subclasses (APPEND(S) / SETITEM(S) opcodes) are recorded, not applied.
+    def append(self, value):
+        self.items.append(value)
+
+    def extend(self, values):
+        self.items.extend(values)
+
+    def __setitem__(self, key, value):
+        self.dictitems[key] = value
 
     def __repr__(self):
         return f"<stub {'.'.join(self._global)}>"
@@ -97,6 +107,14 @@ class ScriptObject:
 
     def __repr__(self) -> str:
         return f"ScriptObject({self.qualname}, keys={list(self.state)})"
+
+
+def module_state(node) -> dict | None:
+    """The pickled attribute dict of a (stubbed or persistent) torch module, or None."""
+    state = getattr(node, "state", None)
+    if isinstance(state, tuple) and state and isinstance(state[0], dict):
+        state = state[0]
+    return state if isinstance(state, dict) else None
 
 
 class PersistentObject:
