@@ -378,7 +378,7 @@ def _convert_cli(args):
     else:
         config = auto_config(recorded, shapes, args.temb)
         source = "recorded in the file" if recorded else "the file's shapes" + (" and --temb" if args.temb else "")
-    if "imm.temb" not in recorded:
+    if "imm.temb" not in recorded and not args.temb:
         print(f"note: the file does not record its time embedding; converting with imm.temb={config.imm.temb!r}")
     print(f"architecture ({source}): {architecture.describe({**shapes, **recorded})}")
     # Written beside the target and moved into place: a failed conversion leaves --output as it was.
