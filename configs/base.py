@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import ml_collections
 
+from imm_jax.training import augment
+
 
 def get_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
     """The full default config around `model` (a networks.*_config ConfigDict)."""
@@ -28,7 +30,10 @@ def get_config(model: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
         k_end=ml_collections.config_dict.placeholder(int), k_ramp_steps=0))
     c.data = ml_collections.ConfigDict(dict(
         source="synthetic", path="", name="", split="train", batch_size=4096, random_flip=False, seed=0,
-        prefetch=2, pad=0, synthetic_size=1024))
+        prefetch=2, pad=0, synthetic_size=1024,
+        # EDM's non-leaking augmentation (imm_jax/training/augment.py): probability p (0 = off) and the
+        # per-operation multipliers (EDM's CIFAR-10 set; 9 label entries -> model.augment_dim = 9).
+        augment_p=0.0, augment_ops=ml_collections.ConfigDict(dict(augment.EDM_CIFAR_OPS))))
     c.optim = ml_collections.ConfigDict(dict(
         name="adamw", lr=1e-4, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=0, grad_clip=0.0))
     c.train = ml_collections.ConfigDict(dict(

@@ -201,7 +201,7 @@ def np_block(sd, name, x, emb, heads, up=False, down=False, attn=False, **_):
     return x
 
 
-def np_unet(sd, order, x, t_in, s_in, labels, cfg):
+def np_unet(sd, order, x, t_in, s_in, labels, cfg, augment_labels=None):
     g = lambda k: sd[k].astype(np.float64)  # noqa: E731
     half = cfg.model_channels * cfg.channel_mult_noise // 2
 
@@ -214,6 +214,8 @@ def np_unet(sd, order, x, t_in, s_in, labels, cfg):
     if cfg.num_classes:
         onehot = np.eye(cfg.num_classes + 1)[labels][:, :cfg.num_classes]  # null -> zero vector
         emb = emb + (onehot * np.sqrt(cfg.num_classes)) @ g("map_label.weight").T + g("map_label.bias")
+    if augment_labels is not None:  # EDM's map_augment: bias-free, added beside the label
+        emb = emb + np.asarray(augment_labels, np.float64) @ g("map_augment.weight").T
     emb = silu(emb @ g("map_layer0.weight").T + g("map_layer0.bias")) @ g("map_layer1.weight").T + g("map_layer1.bias")
     emb_s = silu(pe(s_in) @ g("map_layer0_s.weight").T + g("map_layer0_s.bias"))
     emb = silu(emb + emb_s @ g("map_layer1_s.weight").T + g("map_layer1_s.bias"))
@@ -314,6 +316,30 @@ def test_unet_every_key_consumed_and_forward_matches_numpy():
     ours = np.asarray(jax.jit(net.apply)({"params": params}, x, t, s, y))
     ref = np_unet(sd, order, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, y, cfg).transpose(0, 2, 3, 1)
     np.testing.assert_allclose(ours, ref, rtol=2e-4, atol=2e-4 * np.abs(ref).max())
+
+
+def test_unet_augment_embedding_converts_and_matches_numpy():
+    cfg = networks.unet_config(image_size=8, in_channels=3, num_classes=3, model_channels=16, channel_mult=(1, 2),
+                               num_blocks=1, attn_resolutions=(4,), num_heads=2, dropout=0.0, augment_dim=9)
+    rs = np.random.RandomState(3)
+    sd, order = edm_unet_state(rs, cfg)
+    sd["map_augment.weight"] = (rs.standard_normal((16, 9)) / 3).astype(np.float32)
+    params = convert.convert_state_dict(sd, cfg)
+    np.testing.assert_array_equal(np.asarray(params["map_augment"]["kernel"]), sd["map_augment.weight"].T)
+    assert architecture.from_shapes(sd)["model.augment_dim"] == 9
+    net = networks.build(cfg)
+    x, t, s, y = _inputs(rs, 3, 8, 3, 3)
+    a = rs.standard_normal((3, 9)).astype(np.float32)
+    ours = np.asarray(net.apply({"params": params}, x, t, s, y, augment_labels=a))
+    ref = np_unet(sd, order, x.transpose(0, 3, 1, 2).astype(np.float64), t, s, y, cfg, a).transpose(0, 2, 3, 1)
+    np.testing.assert_allclose(ours, ref, rtol=1e-4, atol=1e-4 * np.abs(ref).max())
+    # No label (sampling) is the zero label, as in EDM; a missing embedding refuses labels.
+    none = np.asarray(net.apply({"params": params}, x, t, s, y))
+    zero = np.asarray(net.apply({"params": params}, x, t, s, y, augment_labels=np.zeros((3, 9), np.float32)))
+    np.testing.assert_array_equal(none, zero)
+    assert np.abs(none - ours).max() > 1e-3 * np.abs(ours).max()
+    with pytest.raises(ValueError, match="augment_dim"):
+        networks.build(tiny_unet_cfg()).init(jax.random.key(0), x, t, s, y, augment_labels=a)
 
 
 def test_unet_attention_block_layout_matches_numpy():

@@ -220,11 +220,14 @@ def sample_times(key, num_groups: int, objective: IMMObjective, step=None):
     return s, objective.r(s, t, step), t
 
 
-def network_fn(net, params, *, train: bool, dropout_key=None):
-    """Close a Linen network over its params: (x_in, t_in, s_in, labels) -> G."""
+def network_fn(net, params, *, train: bool, dropout_key=None, augment_labels=None):
+    """Close a Linen network over its params: (x_in, t_in, s_in, labels) -> G. `augment_labels` (B, A), if
+    given, is passed to the network as its augmentation conditioning."""
+    extra = {} if augment_labels is None else {"augment_labels": augment_labels}
+
     def fn(x_in, t_in, s_in, labels):
         rngs = {"dropout": dropout_key} if (train and dropout_key is not None) else None
-        return net.apply({"params": params}, x_in, t_in, s_in, labels=labels, train=train, rngs=rngs)
+        return net.apply({"params": params}, x_in, t_in, s_in, labels=labels, train=train, rngs=rngs, **extra)
     return fn
 
 
@@ -246,7 +249,8 @@ def _time_bin_metrics(per_group, t, objective: IMMObjective):
     return {f"loss_t{i}": means[i] for i in range(NUM_TIME_BINS)}
 
 
-def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None):
+def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None,
+             augment_labels=None):
     """The IMM loss on one batch (spec §3.6).
 
     Args:
@@ -256,6 +260,7 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
       labels: (B,) int32 class ids, or None for unconditional models.
       key: PRNG key for this step.
       step: the optimizer step (traced int), used only by a k schedule (objective.k_end).
+      augment_labels: (B, A) float32 augmentation labels of x (both passes see them), or None.
     Returns:
       (loss, metrics): loss a float32 scalar; metrics a dict of float32 scalars (loss, mean w(t),
       mean kernel values k_tt / k_rr / k_tr, per-time-bin weighted loss loss_t0..loss_t3 (bins of equal width over [t_min, t_max]; 0 when empty),
@@ -280,14 +285,17 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
     param = objective.param
     if objective.fused:
         both = lambda a, b: jnp.concatenate([a, b], axis=0)
-        fn = network_fn(net, params, train=train, dropout_key=k_drop_a)
+        aug2 = None if augment_labels is None else both(augment_labels, augment_labels)
+        fn = network_fn(net, params, train=train, dropout_key=k_drop_a, augment_labels=aug2)
         lab2 = None if labels is None else both(labels, labels)
         y = param.apply(fn, both(x_t, x_r), both(ss, ss), both(tt, rr), lab2)
         y_t, y_r = y[:batch], jax.lax.stop_gradient(y[batch:])
     else:
         k_b = k_drop_a if objective.dropout_keys == "shared" else k_drop_b
-        y_t = param.apply(network_fn(net, params, train=train, dropout_key=k_drop_a), x_t, ss, tt, labels)
-        target_fn = network_fn(net, jax.lax.stop_gradient(params), train=train, dropout_key=k_b)
+        y_t = param.apply(network_fn(net, params, train=train, dropout_key=k_drop_a, augment_labels=augment_labels),
+                          x_t, ss, tt, labels)
+        target_fn = network_fn(net, jax.lax.stop_gradient(params), train=train, dropout_key=k_b,
+                               augment_labels=augment_labels)
         y_r = jax.lax.stop_gradient(param.apply(target_fn, x_r, ss, rr, labels))
 
     grouped = lambda y: y.reshape((g, m) + y.shape[1:])
@@ -311,13 +319,15 @@ def imm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: boo
     return loss, metrics
 
 
-def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None):
+def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool = True, step=None,
+            augment_labels=None):
     """Flow-matching baseline on the same networks and data (conditional OT-FM, "objective = fm").
 
     t ~ U(t_min, t_max) per sample, x_t = (1 - t) x + t eps with eps ~ N(0, sigma_d^2 I), and
     loss = mean ||v(x_t, t) - (eps - x)||^2 / sigma_d^2 with v from `Parameterization.velocity`
     (the network's second time input is c_noise(s = t)). Label dropout as in `imm_loss`.
     Returns (loss, metrics) like `imm_loss`; metrics holds loss and per-time-bin loss (step is unused).
+    augment_labels: as in `imm_loss`.
     """
     param = objective.param
     k_time, k_eps, k_label, k_drop = jax.random.split(key, 4)
@@ -326,7 +336,8 @@ def fm_loss(net, params, x, labels, key, *, objective: IMMObjective, train: bool
     eps = interpolants.prior_noise(k_eps, x.shape, param.sigma_d)
     x_t = interpolants.add_noise(x, eps, t, param.schedule)
     labels = drop_labels(k_label, labels, objective.label_dropout, objective.null_label)
-    v = param.velocity(network_fn(net, params, train=train, dropout_key=k_drop), x_t, t, labels)
+    v = param.velocity(network_fn(net, params, train=train, dropout_key=k_drop, augment_labels=augment_labels),
+                       x_t, t, labels)
     per_sample = jnp.mean(jnp.square(v - (eps - x)).reshape(x.shape[0], -1), axis=1) / param.sigma_d ** 2
     loss = jnp.mean(per_sample)
     return loss, {"loss": loss, **_time_bin_metrics(per_sample, t, objective)}

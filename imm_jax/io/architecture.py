@@ -38,7 +38,8 @@ PRECOND_FIELDS = {
 _POSITIONAL = ("img_resolution", "img_channels", "label_dim")
 # SongUNet construction arguments that shape the sampling network (EDM's names are imm_jax's names).
 UNET_FIELDS = ("model_channels", "channel_mult", "channel_mult_emb", "channel_mult_noise", "num_blocks",
-               "attn_resolutions", "embedding_type", "encoder_type", "decoder_type", "resample_filter")
+               "attn_resolutions", "embedding_type", "encoder_type", "decoder_type", "resample_filter",
+               "augment_dim")
 DIT_FIELDS = ("hidden_size", "depth", "num_heads", "patch_size", "mlp_ratio")
 # What a file cannot tell from its shapes, and the flag that states it.
 NOT_IN_SHAPES = {"imm.temb": "--temb s|stride"}
@@ -154,6 +155,8 @@ def from_shapes(state: dict[str, np.ndarray]) -> dict[str, Any]:
         label = sub.get("map_label.weight")
         facts["model.num_classes"] = int(label.shape[1]) if label is not None else 0
         facts["model.embedding_type"] = "fourier" if "map_noise.freqs" in sub else "positional"
+        augment = sub.get("map_augment.weight")
+        facts["model.augment_dim"] = int(augment.shape[1]) if augment is not None else 0
         if "map_layer0.weight" in sub:
             emb, noise = sub["map_layer0.weight"].shape
             facts["model.channel_mult_emb"] = int(emb) // int(out)

@@ -11,7 +11,7 @@ they cannot show. An explicit `--kind`/`--config` is checked against the same fa
 error naming each field, before anything is written (`--ignore-recorded PATH` skips one field).
 
 Kinds (each picks the matching config; or --config path.py[:args]):
-  cifar10       CIFAR-10 DDPM++ (`cifar10.pt`)                  configs/cifar10.py
+  cifar10       CIFAR-10 DDPM++ (`cifar10.pt`)                  configs/cifar10.py:augment=0
   im256_ts_a2   ImageNet-256 DiT-XL/2, t-s input, a=2           configs/imagenet256.py:variant=XL/2,a=2,temb=stride
   im256_s_a1    ImageNet-256 DiT-XL/2, s input, a=1             configs/imagenet256.py:variant=XL/2,a=1,temb=s
   im256_<size>_<temb>  a DiT of your own on ImageNet-256 latents: size s2 | b2 | l2 | xl2 (DiT-S/2 ... XL/2),
@@ -47,7 +47,7 @@ Mapping table (torch name -> imm_jax param path; layout change):
     (all .bias -> /bias unchanged)
 
   DDPM++ UNet (imm_jax.networks.unet)
-    map_label|map_layer0|map_layer1|map_layer0_s|map_layer1_s.weight   <same>/kernel     transpose
+    map_label|map_augment|map_layer0|map_layer1|map_layer0_s|map_layer1_s.weight  <same>/kernel  transpose
     enc.RxR_NAME.* / dec.RxR_NAME.*             enc_RxR_NAME/* / dec_RxR_NAME/*
     <conv>.weight (O,I,k,k)                     <conv>/kernel (k,k,I,O)               OIHW -> HWIO
     <norm>.weight / .bias                       <norm>/scale / bias
@@ -247,7 +247,7 @@ def convert_state_dict(state: dict[str, np.ndarray], model_config, *, prefix: st
 # -------------------------------------------------------------------------------------------- CLI
 
 KINDS = {
-    "cifar10": ("cifar10.py", None),
+    "cifar10": ("cifar10.py", "augment=0"),  # the released network has no augment embedding
     "im256_ts_a2": ("imagenet256.py", "variant=XL/2,a=2,temb=stride"),
     "im256_s_a1": ("imagenet256.py", "variant=XL/2,a=1,temb=s"),
     **{f"im256_{size.lower()}2_{temb}": ("imagenet256.py", f"variant={size}/2,temb={temb}")
@@ -312,7 +312,10 @@ def auto_config(recorded: dict, shapes: dict, temb: str | None = None):
         raise errors.UserError(
             f"a DiT of width {facts['model.hidden_size']} and depth {facts['model.depth']} is no standard size "
             f"(S/B/L/XL), so its number of heads is unknown: give --config with model.num_heads set.")
-    spec = "configs/cifar10.py" if name == "unet" else f"configs/imagenet256.py:temb={facts['imm.temb']}"
+    if name == "unet":
+        spec = "configs/cifar10.py" + ("" if facts.get("model.augment_dim") else ":augment=0")
+    else:
+        spec = f"configs/imagenet256.py:temb={facts['imm.temb']}"
     config = config_files.load(spec)
     for path, value in sorted(facts.items()):
         if path != "model.name":

@@ -1,7 +1,7 @@
 """DDPM++ / NCSN++ UNet (EDM's SongUNet design) with IMM's second time embedding (spec §6.1).
 
 G(x, t_in, s_in, y), NHWC:
-  emb_t = map_layer1(SiLU(map_layer0(PE(t_in) + map_label(y))))
+  emb_t = map_layer1(SiLU(map_layer0(PE(t_in) + map_label(y) + map_augment(a))))   (a: augmentation label)
   emb_s = map_layer1_s(SiLU(map_layer0_s(PE(s_in))))          (if s_embed)
   emb   = SiLU(emb_t + emb_s)                                 (SiLU(emb_t) without the s path)
   encoder (per level: [down block], num_blocks blocks) -> decoder (in0/in1 or up, num_blocks + 1 blocks
@@ -61,6 +61,7 @@ DEFAULTS = dict(
     init_zero_scale=1e-5,            # conv1, proj and aux_conv: xavier x this
     init_attn_scale=math.sqrt(0.2),  # qkv: xavier x this
     s_embed=True,                    # IMM's separate embedding of the second time input
+    augment_dim=0,                   # width of EDM's augmentation label (map_augment; 0 = no such input)
     remat=False,                     # rematerialise blocks in the backward pass (memory for compute)
 )
 
@@ -262,6 +263,7 @@ class SongUNet(nn.Module):
     init_zero_scale: float
     init_attn_scale: float
     s_embed: bool
+    augment_dim: int
     remat: bool
     dtype: str
     backend: str = "plain"  # execution path of the layers (imm_jax.networks.layers)
@@ -281,8 +283,12 @@ class SongUNet(nn.Module):
 
     @nn.compact
     def __call__(self, x, t_in, s_in, labels=None, train: bool = False, cond_override=None,
-                 cond_offset=None):
+                 cond_offset=None, augment_labels=None):
         """G (B, H, W, C) float32; see the module docstring.
+
+        augment_labels: None (= no augmentation, as when sampling) or (B, augment_dim) float32, the labels of
+        `imm_jax.training.augment`; with augment_dim > 0 they enter the t path beside the class label
+        (EDM's `map_augment`, a bias-free linear layer, so a zero label equals none).
 
         cond_override: None (default path), or float32 (L, E) / (L, B, E) with L = `num_cond_layers`,
         E = model_channels * channel_mult_emb: the l-th UNetBlock (call order) reads SiLU(cond_override[l])
@@ -312,6 +318,15 @@ class SongUNet(nn.Module):
             if self.num_classes:
                 onehot = jax.nn.one_hot(labels, self.num_classes, dtype=jnp.float32)  # null -> zeros
                 emb = emb + embeddings.dense32(emb.shape[-1], "map_label")(onehot * np.sqrt(self.num_classes))
+            if self.augment_dim:
+                aug = jnp.zeros((b, self.augment_dim), jnp.float32) if augment_labels is None else augment_labels
+                if aug.shape != (b, self.augment_dim):
+                    raise ValueError(f"UNet: augment_labels must be (batch, model.augment_dim) = "
+                                     f"{(b, self.augment_dim)}, got {aug.shape}")
+                emb = emb + embeddings.dense32(emb.shape[-1], "map_augment", use_bias=False)(aug.astype(jnp.float32))
+            elif augment_labels is not None:
+                raise ValueError("UNet: augment_labels given but model.augment_dim = 0; set model.augment_dim to "
+                                 "the augmentation label width (9 for EDM's CIFAR-10 pipeline).")
             emb = embeddings.dense32(emb_ch, "map_layer1")(nn.silu(embeddings.dense32(emb_ch, "map_layer0")(emb)))
             if self.s_embed:
                 emb_s = self._noise_embedding(s_in, 1)

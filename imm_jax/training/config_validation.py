@@ -26,6 +26,38 @@ class ConfigError(UserError):
     """A config value that cannot work; the message names the field and the fix."""
 
 
+def _augment_errors(config) -> list[str]:
+    """EDM augmentation (config.data.augment_p / augment_ops) against the network's augment embedding."""
+    from imm_jax.training import augment
+    d, m = config.data, config.model
+    try:
+        pipe = augment.AugmentPipe.from_config(d)
+    except ValueError as e:
+        return [str(e)]
+    dim = int(m.get("augment_dim", 0) or 0)
+    out = []
+    if not 0.0 <= pipe.p <= 1.0:
+        return [f"config.data.augment_p={pipe.p} must be in [0, 1] (EDM's CIFAR-10 value is 0.12; 0 turns it off)."]
+    if dim and m.name != "unet":
+        out.append(f"config.model.augment_dim={dim}: only the DDPM++ UNet has an augmentation embedding "
+                   "(map_augment); set augment_dim = 0 and augment_p = 0 for a DiT.")
+    elif pipe.active and dim == 0:
+        out.append(f"config.data.augment_p={pipe.p} augments images but config.model.augment_dim = 0, so the network "
+                   "cannot tell augmented images from real ones and the augmentations leak into the samples; set "
+                   f"--config.model.augment_dim={pipe.label_dim} (the label width of the enabled operations).")
+    elif pipe.active and dim != pipe.label_dim:
+        out.append(f"config.model.augment_dim={dim} but the enabled augmentations {list(pipe.ops)} give labels of "
+                   f"width {pipe.label_dim}; set --config.model.augment_dim={pipe.label_dim}.")
+    elif dim and not pipe.active:
+        out.append(f"config.model.augment_dim={dim} but augmentation is off (config.data.augment_p = 0): the "
+                   "augment embedding would only ever see zero labels; set augment_p > 0 (EDM: 0.12) or "
+                   "augment_dim = 0.")
+    if pipe.active and d.source == "latents":
+        out.append("config.data.augment_p > 0 with config.data.source='latents': the augmentations are geometric "
+                   "transforms of images, not of VAE latents; set augment_p = 0.")
+    return out
+
+
 def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
     """Checks `config` for a run on `num_devices` global devices; raises ConfigError listing every problem."""
     errors: list[str] = []
@@ -111,6 +143,7 @@ def validate(config, *, num_devices: int, num_processes: int = 1) -> None:
         errors.append(f"config.data.source={d.source!r}: use one of {SOURCES}.")
     if d.source == "tfds" and not d.get("name", None):
         errors.append("config.data.source='tfds' needs config.data.name (e.g. 'cifar10').")
+    errors.extend(_augment_errors(config))
     if o.name not in OPTIMIZERS:
         errors.append(f"config.optim.name={o.name!r}: use one of {OPTIMIZERS}.")
     if o.lr <= 0:

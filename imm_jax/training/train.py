@@ -49,16 +49,29 @@ def build_objective(config):
     return losses.IMMObjective.from_config(config.imm, num_classes=int(config.model.num_classes))
 
 
+# fold_in stream of the step key for the augmentation draws (the loss's own key is left as it was).
+AUGMENT_STREAM = 0x6175
+
+
 def make_loss_fn(config, net, objective) -> Callable:
-    """loss_fn(params, batch, key, step=None) -> (scalar loss, metrics dict); batch = dict(image, label)."""
+    """loss_fn(params, batch, key, step=None) -> (scalar loss, metrics dict); batch = dict(image, label).
+
+    With config.data.augment_p > 0 the images first go through EDM's augmentation (imm_jax.training.augment,
+    drawn from fold_in(key, AUGMENT_STREAM)) and the network is conditioned on the augmentation labels."""
     from imm_jax.core import losses
+    from imm_jax.training import augment
     conditional = int(config.model.num_classes) > 0
+    pipe = augment.AugmentPipe.from_config(config.data)
 
     loss = losses.OBJECTIVES[losses.objective_name(config)]
 
     def loss_fn(params, batch, key, step=None):
         labels = batch["label"] if conditional else None
-        return loss(net, params, batch["image"], labels, key, objective=objective, train=True, step=step)
+        images, aug = batch["image"], None
+        if pipe.active:
+            images, aug = augment.augment(pipe, images, jax.random.fold_in(key, AUGMENT_STREAM))
+        return loss(net, params, images, labels, key, objective=objective, train=True, step=step,
+                    augment_labels=aug)
     return loss_fn
 
 
