@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from imm_jax.training import augment
+from test_train import compilation_cache  # noqa: F401 (module fixture: the train tests reuse one compilation)
 
 HZ = np.asarray(augment.SYM6, np.float64)
 EDM = dict(augment.EDM_CIFAR_OPS)
@@ -282,36 +283,45 @@ def test_config_validation_messages():
 
 
 def test_train_step_with_augmentation_mesh_p0_and_gradients():
+    from imm_jax.core import losses
     from imm_jax.training import input_pipeline, sharding, train
     from test_config import load
     from test_train import _two_steps, leaves
 
     c = load("tiny", "augment")
     st8, m8 = _two_steps(c, sharding.make_mesh(c.mesh))
-    st1, m1 = _two_steps(c, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
-    for a, b in zip(m8, m1):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
-    for x, y in zip(leaves(st8.params), leaves(st1.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
-    # The augment embedding learns (it gets gradients), and the augmentation changes the loss ...
     tr = train.Trainer(c, mesh=sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
     state = tr.init()
-    batch = input_pipeline.Pipeline(c, tr.mesh).global_batch(0)
+    pipeline = input_pipeline.Pipeline(c, tr.mesh)
+    batch = pipeline.global_batch(0)
     key = jax.random.key(0)
     loss_fn = train.make_loss_fn(c, tr.net, tr.objective)
-    grads = jax.grad(lambda p: loss_fn(p, batch, key, 0)[0])(state.params)
+    # The augment embedding gets gradients, and the augmentation changes the loss ...
+    grads = jax.jit(jax.grad(lambda p: loss_fn(p, batch, key, 0)[0]))(state.params)
     assert float(jnp.abs(grads["map_augment"]["kernel"]).max()) > 0
     off = load("tiny", "augment")
     off.data.augment_p = 0.0
-    loss_off = train.make_loss_fn(off, tr.net, tr.objective)(state.params, batch, key, 0)[0]
-    assert float(loss_off) != float(loss_fn(state.params, batch, key, 0)[0])
-    # ... and at p = 0 the step is the unaugmented one: same images, zero (= no) augmentation label.
-    from imm_jax.core import losses
-    plain = losses.imm_loss(tr.net, state.params, batch["image"], batch["label"], key, objective=tr.objective,
-                            train=True, step=0)[0]
+
+    def both(p):
+        plain = losses.imm_loss(tr.net, p, batch["image"], batch["label"], key, objective=tr.objective,
+                                train=True, step=0)[0]
+        return loss_fn(p, batch, key, 0)[0], train.make_loss_fn(off, tr.net, tr.objective)(p, batch, key, 0)[0], plain
+    aug, loss_off, plain = jax.jit(both)(state.params)
+    assert float(aug) != float(loss_off)
+    # ... and at p = 0 the step is the unaugmented one (same images, no augmentation label).
     assert float(plain) == float(loss_off)
+    # The sharded step (8 devices) equals the single-device one.
+    m1 = []
+    for step in range(2):
+        state, m = tr.train_step(state, pipeline.global_batch(step))
+        m1.append(jax.device_get(m))
+    for a, b in zip(m8, m1):
+        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
+    for x, y in zip(leaves(st8.params), leaves(state.params)):
+        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact_with_augmentation(tmp_path):
     from imm_jax.training import checkpointing, train
     from test_config import load
