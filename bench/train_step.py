@@ -33,7 +33,7 @@ def bench_config(model: str, batch: int, fused: bool):
     if model == "dit_s2":
         c = common.load_config("imagenet256", "variant=S/2")
     elif model == "ddpmpp_narrow":
-        c = common.load_config("cifar10")
+        c = common.load_config("cifar10", "augment=0")  # the network's step (bench/augment_cost.py: with it)
         c.model = networks.unet_config(image_size=32, in_channels=3, num_classes=0, model_channels=64,
                                        channel_mult=(1, 2, 2), num_blocks=2, dropout=0.2)
     else:

@@ -1,5 +1,5 @@
 """TPU and GPU programs, lowered on this CPU machine with `jax.export`: the sharded IMM train step and the sampler
-of a DiT (float32 and bfloat16 compute) and a DDPM++ UNet, on a mesh of the 8 fake devices. They must lower and
+of a DiT (float32 and bfloat16 compute) and a DDPM++ UNet (with EDM augmentation in the step), on a mesh of the 8 fake devices. They must lower and
 contain no CPU custom call: the CPU backend (C++ kernels, XLA:CPU backward passes) never reaches an accelerator.
 """
 import re
@@ -26,7 +26,8 @@ def model_config(kind: str):
     if kind == "unet":
         c.model = networks.unet_config(image_size=8, in_channels=1, num_classes=10, model_channels=16,
                                        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), num_heads=2,
-                                       dropout=0.1)
+                                       dropout=0.1, augment_dim=9)
+        c.data.augment_p = 0.5  # EDM augmentation inside the step
     elif kind == "dit_bf16":
         c.model.dtype = "bfloat16"
         c.imm.min_gap, c.imm.temb, c.imm.a = 1e-4, "stride", 2.0

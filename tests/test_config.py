@@ -27,6 +27,11 @@ def test_cifar10_recipe():
     assert (c.imm.f_type, c.imm.schedule, c.optim.name, c.data.random_flip) == ("simple_edm", "fm", "radam", True)
     assert c.model.dropout == 0.2 and c.model.num_classes == 0 and c.data.name == "cifar10"
     assert (c.imm.t_min, c.imm.t_max, c.optim.lr) == (0.006, 0.994, 1e-4)
+    # EDM augmentation with its 9-entry label (EDM's CIFAR-10 setting); augment=0 drops both
+    assert (c.data.augment_p, c.model.augment_dim) == (0.12, 9)
+    assert (load("cifar10", "augment=0").data.augment_p, load("cifar10", "augment=0").model.augment_dim) == (0, 0)
+    with pytest.raises(ValueError, match="must be a probability"):
+        load("cifar10", "augment=lots")
 
 
 def test_imagenet_variants():

@@ -1,5 +1,6 @@
 """Time-embedding tuning (issue 8): per-layer conditioning in the networks, exact init, gradients only on
 the new vectors, loss decrease, storage beside a checkpoint, the sampling API and its grid check."""
+import dataclasses
 import os
 import sys
 
@@ -210,6 +211,65 @@ def test_tuning_seeds_are_disjoint_from_sampling_seeds(model):
     assert not np.array_equal(train_x, eval_x)
 
 
+def np_group_mmd(x, y, w):
+    """V-statistic MMD^2 with the Laplace kernel exp(-w max(|u - v|, 1e-8) / D) of two (M, ...) sets, float64."""
+    x, y = x.reshape(len(x), -1).astype(np.float64), y.reshape(len(y), -1).astype(np.float64)
+    k = lambda a, b: np.exp(-w * np.maximum(np.linalg.norm(a[:, None] - b[None], axis=-1), 1e-8) / a.shape[1])
+    return k(x, x).mean() + k(y, y).mean() - 2 * k(x, y).mean()
+
+
+def test_distributional_distance_matches_numpy_and_ignores_pairing():
+    rng = np.random.default_rng(1)
+    a = rng.normal(size=(2, 8, 4, 4, 1)).astype(np.float32)
+    b = (a + rng.normal(scale=0.7, size=a.shape) + 0.3).astype(np.float32)
+    w = np.array([3.0, 40.0], np.float32)
+    got = np.asarray(tuning.distribution_distance(a, b, group=4, kernel_weights=w))
+    want = [np.mean([np_group_mmd(a[i, g:g + 4], b[i, g:g + 4], w[i]) for g in (0, 4)]) for i in range(2)]
+    np.testing.assert_allclose(got, want, rtol=1e-4)
+    assert np.asarray(tuning.distribution_distance(a, a, group=4, kernel_weights=w)).max() < 1e-7
+    # pairing does not matter (a distributional objective), unlike the trajectory losses
+    perm = b[:, [1, 0, 3, 2, 6, 4, 7, 5]]
+    np.testing.assert_allclose(np.asarray(tuning.distribution_distance(a, perm, group=4, kernel_weights=w)), got,
+                               rtol=1e-5)
+    assert not np.allclose(tuning.trajectory_distance(a, perm, "l2"), tuning.trajectory_distance(a, b, "l2"))
+    with pytest.raises(ValueError, match="divisible"):
+        tuning.distribution_distance(a, b, group=3, kernel_weights=w)
+
+
+def test_mmd_tuning_uses_the_models_kernel_groups_labels_and_lowers_the_loss(model):
+    _, net, params, objective = model
+    settings = tuning.TuneSettings(sampler="pushforward", steps=2, teacher_steps=8, batch_size=16,
+                                   num_trajectories=64, num_eval=32, num_steps=12, lr=1e-2, cfg_scale=1.5,
+                                   log_every=4, loss="mmd")
+    tuner = tuning.Tuner(net, params, objective, settings, image_shape=SHAPE, num_classes=10)
+    assert tuner.mmd_group == objective.particles == 4
+    grid = tuner.grid
+    np.testing.assert_allclose(tuner.kernel_weights,
+                               [float(objective.kernel_weight(grid[i + 1], grid[i])) for i in range(2)], rtol=1e-6)
+    x, y = tuner.draw(0, 16)
+    assert all(len(set(y[g:g + 4])) == 1 for g in range(0, 16, 4))  # one label per group
+    ref = tuner.references(x, y)
+    e = tuner.zero_offsets()
+    g = np.asarray(tuner.grad(e, tuner.params, x, y, ref))
+    assert np.isfinite(g).all() and (np.abs(g).max(axis=-1) > 0).all()
+    before = jax.tree.map(np.asarray, tuner.params)
+    loss, per = tuner.loss(e, tuner.params, x, y, ref)
+    states = tuning.rollout(net, tuner.params, tuner.param, jnp.asarray(x), jnp.asarray(grid, jnp.float32),
+                            sampler="pushforward", labels=jnp.asarray(y), cfg_scale=1.5,
+                            null_label=objective.null_label)
+    want = [np.mean([np_group_mmd(np.asarray(states[i, k:k + 4]), ref[i, k:k + 4], tuner.kernel_weights[i])
+                     for k in range(0, 16, 4)]) for i in range(2)]
+    np.testing.assert_allclose(np.asarray(per), want, rtol=2e-3, atol=1e-7)
+    np.testing.assert_allclose(float(loss), np.mean(want), rtol=2e-3, atol=1e-7)
+    end = tuning.Tuner(net, params, objective, dataclasses.replace(settings, mmd_at="end"), image_shape=SHAPE,
+                       num_classes=10)
+    np.testing.assert_allclose(float(end.loss(e, end.params, x, y, ref)[0]), want[-1], rtol=2e-3, atol=1e-7)
+    tuned = tuning.tune(net, params, objective, settings, image_shape=SHAPE, num_classes=10)
+    assert tuned.meta["eval_loss_after"] < tuned.meta["eval_loss_before"], tuned.meta
+    assert (tuned.meta["loss"], tuned.meta["mmd_group"], tuned.meta["mmd_at"]) == ("mmd", 4, "every")
+    jax.tree.map(np.testing.assert_array_equal, jax.tree.map(np.asarray, tuner.params), before)
+
+
 def test_settings_validation():
     with pytest.raises(ValueError, match="'euler' for flow-matching"):
         tuning.TuneSettings(sampler="restart")
@@ -217,6 +277,10 @@ def test_settings_validation():
         tuning.TuneSettings(sampler="pushforward", teacher_sampler="heun")
     with pytest.raises(ValueError, match="loss"):
         tuning.TuneSettings(loss="l3")
+    with pytest.raises(ValueError, match="mmd_group"):
+        tuning.TuneSettings(loss="mmd", mmd_group=5, batch_size=64)
+    with pytest.raises(ValueError, match="mmd_at"):
+        tuning.TuneSettings(loss="mmd", mmd_at="middle")
     with pytest.raises(ValueError, match="Euler steps only"):
         sampling.ode(lambda x, t, e: x, jnp.zeros((1, 2)), np.array([1.0, 0.5]), heun=True,
                      per_step=jnp.zeros((1, 3)))

@@ -25,9 +25,14 @@ that the network reads instead of its own time embedding (`cond_override`, see `
                   teacher grid contains every coarse time and its states there are read off exactly
                   (no interpolation). Default: 128 Euler steps for "euler", 16 pushforward steps for
                   "pushforward"; Heun is available for flow matching.
-  loss            mean over the N coarse steps and the batch of d(student_i, teacher_i): "l2" (mean
-                  squared error), "l1" (mean absolute error) or "pseudo_huber" (sqrt(||.||^2 + c^2) - c,
-                  c = 0.00054 sqrt(dim) by default, as in iCT).
+  loss            per trajectory, mean over the N coarse steps and the batch of d(student_i, teacher_i):
+                  "l2" (mean squared error), "l1" (mean absolute error) or "pseudo_huber"
+                  (sqrt(||.||^2 + c^2) - c, c = 0.00054 sqrt(dim) by default, as in iCT).
+                  Distributional, "mmd": IMM's own grouped MMD^2 (V-statistic, the model's kernel and its
+                  bandwidth rule w = 1/|c_out(s_i, t_i)| of the step) between the student's and the
+                  teacher's states, in groups of `mmd_group` samples that share a label (the batch is drawn
+                  group-wise), at every coarse step (mmd_at="every") or at the last only ("end"). It asks for
+                  the teacher's distribution at each step, not its per-noise trajectory.
   optimisation    Adam on delta only (Adam is shift-invariant, so this is Adam on e); the backbone
                   params enter the jitted step as an argument that is never differentiated. The student
                   rollout runs each step's network under `jax.checkpoint`. The batch is sharded over all
@@ -68,7 +73,8 @@ from imm_jax.inference.tuned_vectors import TunedVectors, save
 SAMPLERS = ("euler", "pushforward")
 TEACHERS = {"euler": ("euler", "heun"), "pushforward": ("pushforward",)}
 DEFAULT_TEACHER_STEPS = {"euler": 128, "pushforward": 16}
-LOSSES = ("l2", "l1", "pseudo_huber")
+LOSSES = ("l2", "l1", "pseudo_huber", "mmd")
+MMD_AT = ("every", "end")
 TUNE_KEY_DOMAIN = 2**31 - 2  # evaluation uses batch indices < 2**31 - 2 and 2**31 - 1 (labels)
 
 
@@ -81,7 +87,9 @@ class TuneSettings:
       steps: N, the sampler's step count; grid / mid_etas: the time grid (`sampling.time_grid`).
       teacher_steps: total teacher steps (default 128 for euler, 16 for pushforward), rounded up to a
         multiple of N. teacher_sampler: "euler" | "heun" (FM) or "pushforward" (IMM); default = sampler.
-      loss: "l2" | "l1" | "pseudo_huber"; huber_c: pseudo-Huber c (default 0.00054 sqrt(H W C)).
+      loss: "l2" | "l1" | "pseudo_huber" | "mmd"; huber_c: pseudo-Huber c (default 0.00054 sqrt(H W C)).
+      mmd_group: samples per MMD group (loss "mmd"; default: the objective's particle count M, at least 4);
+        must divide batch_size. mmd_at: "every" coarse step or the "end" state only.
       lr: Adam learning rate on e; num_steps: tuning steps; batch_size: global minibatch.
       num_trajectories / num_eval: sizes of the training and held-out reference pools.
       cfg_scale: guidance weight used by both teacher and student (class-conditional models).
@@ -95,6 +103,8 @@ class TuneSettings:
     teacher_sampler: Optional[str] = None
     loss: str = "l2"
     huber_c: Optional[float] = None
+    mmd_group: Optional[int] = None
+    mmd_at: str = "every"
     lr: float = 1e-3
     num_steps: int = 200
     batch_size: int = 64
@@ -118,6 +128,10 @@ class TuneSettings:
         if self.num_trajectories < self.batch_size:
             raise ValueError(f"num_trajectories ({self.num_trajectories}) must be >= batch_size "
                              f"({self.batch_size})")
+        if self.mmd_at not in MMD_AT:
+            raise ValueError(f"mmd_at must be one of {MMD_AT}, got {self.mmd_at!r}")
+        if self.mmd_group is not None and (self.mmd_group < 2 or self.batch_size % self.mmd_group):
+            raise ValueError(f"mmd_group ({self.mmd_group}) must be >= 2 and divide batch_size ({self.batch_size})")
         if self.teacher_steps is not None and self.teacher_steps < self.steps:
             raise ValueError(f"teacher_steps ({self.teacher_steps}) must be >= steps ({self.steps})")
 
@@ -221,6 +235,22 @@ def trajectory_distance(a, b, kind: str, huber_c: Optional[float] = None) -> jax
     raise ValueError(f"tuning loss must be one of {LOSSES}, got {kind!r}")
 
 
+def distribution_distance(a, b, *, group: int, kernel_weights, kernel: str = "laplace") -> jax.Array:
+    """Per-step grouped MMD^2 between student states a and teacher states b (N, B, ...) -> (N,) float32.
+
+    Consecutive samples form groups of `group` (B divisible by it); kernel_weights (N,) is w per step; the
+    per-step value is the mean over groups of the V-statistic (`imm_jax.core.mmd.grouped_mmd`).
+    """
+    from imm_jax.core import mmd
+    n, batch = a.shape[:2]
+    if batch % group:
+        raise ValueError(f"batch {batch} is not divisible by the MMD group size {group}")
+    grouped = lambda z: z.reshape((n, batch // group, group) + z.shape[2:])
+    per = jax.vmap(lambda x, y, w: jnp.mean(mmd.grouped_mmd(x, y, kernel_weight=w, kernel=kernel)))(
+        grouped(a), grouped(b), jnp.asarray(kernel_weights, jnp.float32))
+    return per.astype(jnp.float32)
+
+
 # ------------------------------------------------------------------------------------------ tuner
 
 class Tuner:
@@ -252,6 +282,25 @@ class Tuner:
         self.teacher_name = teacher
         grid32 = jnp.asarray(self.grid, jnp.float32)
         common = dict(sampler=settings.sampler, cfg_scale=self.cfg_scale, null_label=self.null_label)
+        self.mmd_group = settings.mmd_group or max(4, int(objective.particles))
+        if settings.loss == "mmd" and settings.batch_size % self.mmd_group:
+            raise ValueError(f"tuning batch_size {settings.batch_size} must be a multiple of the MMD group size "
+                             f"{self.mmd_group} (set mmd_group)")
+        s_end, t_start = np.asarray(self.grid[1:], np.float32), np.asarray(self.grid[:-1], np.float32)
+        self.kernel_weights = np.asarray(objective.kernel_weight(jnp.asarray(s_end), jnp.asarray(t_start)),
+                                         np.float32)
+        step_mask = np.ones(settings.steps, np.float32)
+        if settings.mmd_at == "end":
+            step_mask[:-1] = 0.0
+
+        def distance(states, targets):
+            """(total loss, per-step loss (N,))."""
+            if settings.loss == "mmd":
+                per = distribution_distance(states, targets, group=self.mmd_group,
+                                            kernel_weights=self.kernel_weights, kernel=objective.kernel)
+                return jnp.sum(per * step_mask) / step_mask.sum(), per
+            d = trajectory_distance(states, targets, settings.loss, settings.huber_c)
+            return jnp.mean(d), jnp.mean(d, axis=1)
 
         def teacher_fn(params, x_init, labels):
             return rollout(net, params, self.param, x_init, self.grid, labels=labels, substeps=self.substeps,
@@ -260,8 +309,7 @@ class Tuner:
         def loss_fn(e, params, x_init, labels, targets):
             states = rollout(net, params, self.param, x_init, grid32, labels=labels, cond_offset=e,
                              remat=True, **common)
-            d = trajectory_distance(states, targets, settings.loss, settings.huber_c)
-            return jnp.mean(d), jnp.mean(d, axis=1)
+            return distance(states, targets)
 
         def train_step(e, opt_state, params, x_init, labels, targets):
             (loss, per_step), grads = jax.value_and_grad(loss_fn, has_aux=True)(e, params, x_init, labels,
@@ -299,7 +347,11 @@ class Tuner:
         for j in range(int(math.ceil(count / bs))):
             k_noise, k_label = jax.random.split(jax.random.fold_in(root, j))
             xs.append(np.asarray(interpolants.prior_noise(k_noise, (bs,) + self.image_shape, self.param.sigma_d)))
-            if self.num_classes:
+            if self.num_classes and self.settings.loss == "mmd":  # one label per MMD group
+                g = self.mmd_group
+                ys.append(np.repeat(np.asarray(jax.random.randint(k_label, (bs // g,), 0, self.num_classes),
+                                               np.int32), g))
+            elif self.num_classes:
                 ys.append(np.asarray(jax.random.randint(k_label, (bs,), 0, self.num_classes), np.int32))
         x = np.concatenate(xs)[:count]
         return x, (np.concatenate(ys)[:count] if self.num_classes else None)
@@ -366,6 +418,8 @@ def tune(net, params, objective: IMMObjective, settings: TuneSettings, *, image_
         grid_kind=settings.grid, mid_etas=None if settings.mid_etas is None else list(settings.mid_etas),
         cfg_scale=tuner.cfg_scale, layers=layers, width=width, model=type(net).__name__,
         teacher=teacher, teacher_steps=substeps * settings.steps, loss=settings.loss, huber_c=settings.huber_c,
+        mmd_group=tuner.mmd_group if settings.loss == "mmd" else None,
+        mmd_at=settings.mmd_at if settings.loss == "mmd" else None,
         lr=settings.lr, num_steps=settings.num_steps, batch_size=settings.batch_size,
         num_trajectories=settings.num_trajectories, num_eval=len(x_ev), seed=settings.seed,
         eval_loss_before=loss0, eval_loss_after=loss1, eval_per_step_before=per0.tolist(),
