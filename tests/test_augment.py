@@ -323,24 +323,9 @@ def test_train_step_with_augmentation_mesh_p0_and_gradients():
 
 @pytest.mark.slow
 def test_resume_is_bit_exact_with_augmentation(tmp_path):
-    from imm_jax.training import checkpointing, train
     from test_config import load
-    from test_train import losses_by_step
+    from test_train import run_killed_and_resumed
 
-    train.train_and_evaluate(load("tiny", "augment"), str(tmp_path / "a"))
-    ref = losses_by_step(tmp_path / "a")
-
-    class Killed(Exception):
-        pass
-
-    def kill_at_5(step, state, metrics):
-        if step == 5:
-            raise Killed()
-
-    with pytest.raises(Killed):
-        train.train_and_evaluate(load("tiny", "augment"), str(tmp_path / "b"), hooks=[kill_at_5])
-    assert checkpointing.Checkpointer(str(tmp_path / "b" / "checkpoints")).all_steps() == [3]
-    train.train_and_evaluate(load("tiny", "augment"), str(tmp_path / "b"))
-    got = losses_by_step(tmp_path / "b")
-    assert sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
+    _, resumed, ref, got = run_killed_and_resumed(lambda: load("tiny", "augment"), tmp_path)
+    assert resumed["final_step"] == 6 and sorted(got) == sorted(ref) == [1, 2, 3, 4, 5, 6]
     assert all(got[s] == ref[s] for s in ref), (got, ref)

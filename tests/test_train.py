@@ -50,10 +50,10 @@ def leaves(tree):
     return [np.asarray(x) for x in jax.tree.leaves(jax.device_get(tree))]
 
 
-def test_train_kill_resume_is_bit_exact(tmp_path):
-    full = train.train_and_evaluate(tiny(), str(tmp_path / "a"))
-    ref = losses_by_step(tmp_path / "a")
-    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(ref.values())))
+def run_killed_and_resumed(make_config, tmp_path):
+    """Trains make_config() to the end in tmp_path/a, and in tmp_path/b killed at step 5 then resumed (the
+    checkpoint is at step 3). Returns (full result, resumed result, losses by step of a, of b)."""
+    full = train.train_and_evaluate(make_config(), str(tmp_path / "a"))
 
     class Killed(Exception):
         pass
@@ -63,10 +63,15 @@ def test_train_kill_resume_is_bit_exact(tmp_path):
             raise Killed()
 
     with pytest.raises(Killed):
-        train.train_and_evaluate(tiny(), str(tmp_path / "b"), hooks=[kill_at_5])
+        train.train_and_evaluate(make_config(), str(tmp_path / "b"), hooks=[kill_at_5])
     assert checkpointing.Checkpointer(str(tmp_path / "b" / "checkpoints")).all_steps() == [3]
-    resumed = train.train_and_evaluate(tiny(), str(tmp_path / "b"))
-    got = losses_by_step(tmp_path / "b")
+    resumed = train.train_and_evaluate(make_config(), str(tmp_path / "b"))
+    return full, resumed, losses_by_step(tmp_path / "a"), losses_by_step(tmp_path / "b")
+
+
+def test_train_kill_resume_is_bit_exact(tmp_path):
+    full, resumed, ref, got = run_killed_and_resumed(tiny, tmp_path)
+    assert sorted(ref) == [1, 2, 3, 4, 5, 6] and all(np.isfinite(list(ref.values())))
     assert resumed["final_step"] == 6
     for s in range(1, 7):
         assert got[s] == ref[s], (s, got[s], ref[s])  # bit-for-bit, including steps 4-6 after the resume
