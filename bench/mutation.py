@@ -30,7 +30,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("interpolants", "parameterization", "mmd", "losses", "sampling")
 TESTS = ["tests/test_interpolants.py", "tests/test_parameterization.py", "tests/test_mmd.py",
-         "tests/test_losses.py", "tests/test_sampling.py", "tests/test_toy.py"]
+         "tests/test_losses.py", "tests/test_sampling.py", "tests/test_toy.py", "tests/test_tuning.py"]
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult}
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
