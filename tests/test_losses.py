@@ -351,3 +351,16 @@ def test_dropout_keys_reach_the_two_passes(mode):
     online, target = net.dropout_keys
     assert online is not None and target is not None
     assert np.array_equal(online, target) == (mode == "shared")
+
+
+def test_objective_defaults_are_the_papers_cifar10_recipe():
+    """IMMObjective() / Parameterization() defaults = spec §4's CIFAR-10 column (literal values, not the config)."""
+    o = IMMObjective()
+    assert (o.t_min, o.t_max, o.particles, o.k, o.a, o.b) == (0.006, 0.994, 4, 15, 1.0, 5.0)
+    assert (o.mapping, o.kernel, o.min_gap, o.label_dropout, o.null_label) == ("eta", "laplace", 0.0, 0.0, None)
+    assert (o.dropout_keys, o.fused, o.k_end, o.k_ramp_steps) == ("independent", False, None, 0)
+    p = o.param
+    assert (p.f_type, p.schedule, p.sigma_d, p.temb, p.time_scale) == ("simple_edm", "fm", 0.5, "s", 1000.0)
+    # and the packaged CIFAR-10 config builds the same objective
+    from test_config import load
+    assert IMMObjective.from_config(load("cifar10").imm) == o
