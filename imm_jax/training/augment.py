@@ -1,4 +1,4 @@
-"""EDM's non-leaking augmentation (AugmentPipe, geometric part) as pure JAX, run inside the train step.
+"""EDM's non-leaking augmentation (AugmentPipe without its colour part) as pure JAX, run inside the train step.
 
 Each sample gets its own transform with probability min(multiplier * p, 1) per operation; the parameters drawn
 are returned as an augmentation label (B, label_dim) that the network is conditioned on (DDPM++ `map_augment`),
@@ -7,16 +7,17 @@ so the model learns the augmented distribution *labelled* and samples with a zer
 Operations, in EDM's order, and their label entries:
   pixel blitting   xflip (1: flipped), yflip (1), rotate_int (2: the two flips a 90-degree rotation is made of),
                    translate_int (2: integer shift / (size * translate_int_max), reflected at the borders)
-  geometric        scale (1: log2-scale / scale_std... the standard normal draw), rotate_frac (2: cos - 1, sin),
+  geometric        scale (1: the standard normal draw w; scale 2^(w scale_std)), rotate_frac (2: cos - 1, sin),
                    aniso (2: w cos r, w sin r), translate_frac (2: the two standard normal draws)
 The geometric ones compose into one inverse matrix, executed as EDM does: reflect padding, 2x upsampling with the
 sym6 wavelet filter, bilinear sampling with zero padding (align_corners=False), sym6 downsampling and a crop.
 EDM's CIFAR-10 setting (xflip=1e8, yflip=scale=rotate_frac=aniso=translate_frac=1, p=0.12) gives 9 label entries.
 
-Deviation from EDM (stated here and in docs/RESULTS.md): EDM pads each batch by the largest margin its transforms
+Deviation from EDM: EDM pads each batch by the largest margin its transforms
 need (a data-dependent shape); under jit the padding is the largest EDM can choose, (H-1, W-1) pixels. Outputs
 then differ from EDM's only where EDM's smaller padding let the upsampling filter's zero border reach sampled
-pixels (a few 1e-3 at most on images in [-1, 1]; measured in tests/test_augment.py).
+pixels (below 5e-3 on images in [-1, 1]; measured in tests/test_augment.py). EDM's colour transforms are not
+implemented (its CIFAR-10 setting uses none).
 """
 from __future__ import annotations
 
