@@ -48,6 +48,9 @@ flags.DEFINE_string("grid", None, "sample/tune mode: time grid uniform | edm | e
 flags.DEFINE_enum("tune_sampler", None, ["pushforward", "euler"],
                   "tune mode: sampler to tune (MTEO); default pushforward for IMM models, euler for FM models.")
 flags.DEFINE_integer("tune_iters", 300, "tune mode: optimisation steps.")
+flags.DEFINE_enum("tune_loss", "mmd", ["mmd", "l2", "l1", "pseudo_huber"],
+                  "tune mode: objective; mmd (IMM's grouped MMD to the teacher's states, the default) or a "
+                  "per-trajectory distance (docs/RESULTS.md compares them).")
 flags.DEFINE_float("tune_lr", 1e-2, "tune mode: Adam learning rate of the tuned vectors.")
 flags.DEFINE_integer("tune_batch_size", 64, "tune mode: trajectories per optimisation step.")
 flags.DEFINE_integer("tune_trajectories", 1024, "tune mode: teacher trajectories to train on.")
@@ -97,7 +100,7 @@ def tune_main(workdir: str):
     sampler = FLAGS.tune_sampler or sampling.default_sampler(losses.objective_name(config))
     for n in tuple(FLAGS.steps or config.sample.steps):
         tuning.tune_main(workdir, os.path.join(workdir, "tune"), ema=FLAGS.ema, sampler=sampler,
-                         steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr,
+                         steps=int(n), num_steps=FLAGS.tune_iters, lr=FLAGS.tune_lr, loss=FLAGS.tune_loss,
                          batch_size=FLAGS.tune_batch_size, num_trajectories=FLAGS.tune_trajectories,
                          num_eval=FLAGS.tune_eval, teacher_steps=FLAGS.tune_teacher_steps,
                          grid=FLAGS.grid or config.sample.grid, seed=FLAGS.seed + 1)

@@ -164,7 +164,7 @@ def test_untrained_vectors_reproduce_the_sampler_bit_for_bit(sampler, model):
 def test_gradients_reach_only_the_new_vectors_and_tuning_lowers_the_loss(model):
     _, net, params, objective = model
     settings = tuning.TuneSettings(sampler="euler", steps=2, teacher_steps=8, batch_size=16, num_trajectories=64,
-                                   num_eval=32, num_steps=12, lr=1e-2, cfg_scale=1.5, log_every=4)
+                                   num_eval=32, num_steps=12, lr=1e-2, cfg_scale=1.5, log_every=4, loss="l2")
     tuner = tuning.Tuner(net, params, objective, settings, image_shape=SHAPE, num_classes=10)
     x, y = tuner.draw(0, 16)
     ref = tuner.references(x, y)

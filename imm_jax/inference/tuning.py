@@ -87,7 +87,8 @@ class TuneSettings:
       steps: N, the sampler's step count; grid / mid_etas: the time grid (`sampling.time_grid`).
       teacher_steps: total teacher steps (default 128 for euler, 16 for pushforward), rounded up to a
         multiple of N. teacher_sampler: "euler" | "heun" (FM) or "pushforward" (IMM); default = sampler.
-      loss: "l2" | "l1" | "pseudo_huber" | "mmd"; huber_c: pseudo-Huber c (default 0.00054 sqrt(H W C)).
+      loss: "mmd" (default; docs/RESULTS.md: it improves flow matching's few-step FID, the trajectory losses do
+        not) | "l2" | "l1" | "pseudo_huber"; huber_c: pseudo-Huber c (default 0.00054 sqrt(H W C)).
       mmd_group: samples per MMD group (loss "mmd"; default: the objective's particle count M, at least 4);
         must divide batch_size. mmd_at: "every" coarse step or the "end" state only.
       lr: Adam learning rate on e; num_steps: tuning steps; batch_size: global minibatch.
@@ -101,7 +102,7 @@ class TuneSettings:
     mid_etas: Optional[tuple] = None
     teacher_steps: Optional[int] = None
     teacher_sampler: Optional[str] = None
-    loss: str = "l2"
+    loss: str = "mmd"
     huber_c: Optional[float] = None
     mmd_group: Optional[int] = None
     mmd_at: str = "every"
