@@ -455,3 +455,14 @@ def test_full_size_init_and_bf16_cifar_unet_and_dit_s2():
         rel = float(jnp.linalg.norm(out16 - out32) / jnp.linalg.norm(out32))
         print(f"{cfg.name} bf16 vs f32 relative L2: {rel:.4f}")
         assert bool(jnp.all(jnp.isfinite(out32))) and rel < 0.05, (cfg.name, rel)
+
+
+def test_unet_config_saved_before_augment_dim_still_builds():
+    """Checkpoints converted or trained before model.augment_dim existed keep loading (no augment embedding)."""
+    import ml_collections
+    cfg = networks.unet_config(image_size=8, in_channels=1, num_classes=0, model_channels=16, channel_mult=(1, 2),
+                               num_blocks=1, attn_resolutions=(4,))
+    old = cfg.to_dict()
+    old.pop("augment_dim")
+    net = networks.build(ml_collections.ConfigDict(old))
+    assert net.augment_dim == 0 and net == networks.build(cfg)

@@ -193,6 +193,8 @@ def _config_value(config, path: str):
         except ValueError:
             return None
     value = _get(config, path)
+    if value is None and path == "model.augment_dim":
+        return 0  # configs written before the field existed have no augment embedding
     return list(value) if isinstance(value, (list, tuple)) else value
 
 

@@ -419,7 +419,7 @@ class SongUNet(nn.Module):
 def build(model_config, backend: str = "plain") -> SongUNet:
     """SongUNet from a `unet_config()`-style ConfigDict, on the `backend` execution path."""
     check_config(model_config)
-    kw = {k: model_config[k] for k in DEFAULTS}
+    kw = {k: model_config.get(k, v) for k, v in DEFAULTS.items()}  # configs saved before a field existed
     kw["channel_mult"] = tuple(kw["channel_mult"])
     kw["attn_resolutions"] = tuple(kw["attn_resolutions"])
     kw["resample_filter"] = tuple(kw["resample_filter"])
