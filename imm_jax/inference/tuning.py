@@ -65,7 +65,7 @@ import optax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from imm_jax import networks
-from imm_jax.core import interpolants, sampling
+from imm_jax.core import interpolants, mmd, sampling
 from imm_jax.core.losses import IMMObjective, objective_name
 from imm_jax.inference import api
 from imm_jax.inference.tuned_vectors import TunedVectors, save
@@ -242,7 +242,6 @@ def distribution_distance(a, b, *, group: int, kernel_weights, kernel: str = "la
     Consecutive samples form groups of `group` (B divisible by it); kernel_weights (N,) is w per step; the
     per-step value is the mean over groups of the V-statistic (`imm_jax.core.mmd.grouped_mmd`).
     """
-    from imm_jax.core import mmd
     n, batch = a.shape[:2]
     if batch % group:
         raise ValueError(f"batch {batch} is not divisible by the MMD group size {group}")
