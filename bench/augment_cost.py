@@ -64,6 +64,7 @@ def main():
     ap.add_argument("--iters", type=int, default=8)
     ap.add_argument("--out")
     args = ap.parse_args()
+    common.setup()
     import jax
     from imm_jax.training import augment
 

@@ -12,9 +12,7 @@ import time
 from imm_jax.kernels import host_memory
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-# Benchmarks measure what the entry points run with (imm_jax/kernels/host_memory.py); IMM_JAX_KEEP_FREED_MEMORY=0
-# measures glibc's defaults instead.
-KEEP_FREED_MEMORY = host_memory.keep_freed_memory()
+_state = {"keep_freed_memory": None}  # set by setup(); None: setup() was not called
 
 
 def load_config(name: str, arg=None):
@@ -23,12 +21,17 @@ def load_config(name: str, arg=None):
     return config_files.load(f"configs/{name}.py" + (f":{arg}" if arg else ""))
 
 
-def set_cpu_devices(n: int):
-    """Fake n CPU devices; must run before jax is imported."""
-    if "jax" in sys.modules:
-        raise RuntimeError("set_cpu_devices must be called before importing jax")
-    flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
-    os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={n}"])
+def setup(devices: int | None = None) -> bool:
+    """Process setup, first thing in a benchmark's main: `devices` fake CPU devices (None: as XLA_FLAGS says),
+    then the host-memory setting the entry points run with (imm_jax/kernels/host_memory.py;
+    IMM_JAX_KEEP_FREED_MEMORY=0 measures glibc's defaults instead). Returns whether that setting is on."""
+    if devices is not None:
+        if "jax" in sys.modules:
+            raise RuntimeError("common.setup(devices) must run before jax is imported")
+        flags = [f for f in os.environ.get("XLA_FLAGS", "").split() if "force_host_platform_device_count" not in f]
+        os.environ["XLA_FLAGS"] = " ".join(flags + [f"--xla_force_host_platform_device_count={devices}"])
+    _state["keep_freed_memory"] = host_memory.keep_freed_memory()
+    return _state["keep_freed_memory"]
 
 
 def block(x):
@@ -111,7 +114,7 @@ def machine() -> dict:
     except (OSError, IndexError):
         model = cpu
     return dict(cpu=model, cores=os.cpu_count(), jax=jax.__version__, backend=jax.default_backend(),
-                devices=jax.device_count(), keep_freed_memory=KEEP_FREED_MEMORY,
+                devices=jax.device_count(), keep_freed_memory=_state["keep_freed_memory"],
                 date=time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()))
 
 

