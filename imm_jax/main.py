@@ -116,7 +116,7 @@ def main(argv):
     if FLAGS.multihost:
         _init_distributed()
     from imm_jax.kernels import host_memory
-    host_memory.keep_freed_memory()  # CPU-only processes; after distributed init (it starts the backends)
+    host_memory.keep_freed_memory()  # CPU-only processes: before the backends start, after distributed init
     if FLAGS.mode == "sample":
         return sample_main(FLAGS.workdir)
     if FLAGS.mode == "tune":
