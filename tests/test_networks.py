@@ -102,6 +102,44 @@ def test_tiny_dit_runs_every_patch_size(patch, dtype):
     chex.assert_tree_all_finite(out)
 
 
+@pytest.mark.parametrize("patch", [2, 4, 8])
+def test_dit_patch_layout_matches_numpy(patch):
+    """With adaLN-Zero's zero modulation in every block and in the final layer, G(x) is patch embedding,
+    position table, LayerNorm and the final linear: checked against a NumPy patchify / unpatchify written with
+    explicit pixel indices (pixel (i p + u, j p + w, c) <-> token i g + j, feature (u p + w) C + c)."""
+    size, c, d = 16, 3, 32
+    cfg = tiny_dit(patch_size=patch, image_size=size, in_channels=c, hidden_size=d)
+    net = networks.build(cfg)
+    x, t, s, y = _inputs(2, size, c, 10)
+    params = jax.tree.map(np.asarray, _random_params(net, x, t, s, y))
+    for name in params:  # zero modulation everywhere: blocks are the identity, the final layer unmodulated
+        for sub in ("adaLN_modulation",):
+            if sub in params[name]:
+                params[name][sub] = jax.tree.map(np.zeros_like, params[name][sub])
+    g = size // patch
+    xn = np.asarray(x, np.float64)
+    wx = params["x_embedder"]["kernel"].astype(np.float64)          # (p, p, C, D)
+    bx = params["x_embedder"]["bias"].astype(np.float64)
+    wf = params["final_layer"]["linear"]["kernel"].astype(np.float64)  # (D, p * p * C)
+    bf = params["final_layer"]["linear"]["bias"].astype(np.float64)
+    pos = dit_lib.pos_embed_2d(d, g).astype(np.float64)
+    want = np.zeros_like(xn)
+    for b in range(xn.shape[0]):
+        for i in range(g):
+            for j in range(g):
+                tok = bx + pos[i * g + j]
+                for u in range(patch):
+                    for w in range(patch):
+                        tok = tok + xn[b, i * patch + u, j * patch + w] @ wx[u, w]
+                tok = (tok - tok.mean()) / np.sqrt(tok.var() + 1e-6)
+                out = tok @ wf + bf
+                for u in range(patch):
+                    for w in range(patch):
+                        want[b, i * patch + u, j * patch + w] = out[(u * patch + w) * c:(u * patch + w + 1) * c]
+    got = np.asarray(_apply(net, jax.tree.map(jnp.asarray, params), x, t, s, y))
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-4)
+
+
 def test_dit_zero_at_init():
     net = networks.build(tiny_dit())
     x, t, s, y = _inputs(4, 8, 4, 10)

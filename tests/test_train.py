@@ -210,6 +210,47 @@ def test_ema_update_matches_numpy():
     np.testing.assert_allclose(out[1]["w"], 0.5 * np.array([4.0, 4.0]) + 0.5 * np.array([1.0, 2.0]), rtol=1e-6)
 
 
+def _adam_family_numpy(name, grads, p0, lr, b1, b2, eps, wd):
+    """Parameter trajectory of AdamW (decoupled decay, Loshchilov & Hutter) or RAdam (Liu et al.; L2 decay added
+    to the gradient and the rectification switched on once rho_t > 5, as torch.optim.RAdam), float64."""
+    p, m, v = p0.astype(np.float64), 0.0, 0.0
+    rho_inf = 2.0 / (1.0 - b2) - 1.0
+    out = []
+    for t, g in enumerate(grads, start=1):
+        g = g.astype(np.float64) + (wd * p if name == "radam" else 0.0)
+        m = b1 * m + (1 - b1) * g
+        v = b2 * v + (1 - b2) * g * g
+        m_hat, v_hat = m / (1 - b1 ** t), v / (1 - b2 ** t)
+        if name == "adamw":
+            p = p - lr * (m_hat / (np.sqrt(v_hat) + eps) + wd * p)
+        else:
+            rho = rho_inf - 2.0 * t * b2 ** t / (1.0 - b2 ** t)
+            if rho > 5.0:
+                r = np.sqrt((rho - 4) * (rho - 2) * rho_inf / ((rho_inf - 4) * (rho_inf - 2) * rho))
+                p = p - lr * r * m_hat / (np.sqrt(v_hat) + eps)
+            else:
+                p = p - lr * m_hat
+        out.append(p)
+    return out
+
+
+@pytest.mark.parametrize("name", ["adamw", "radam"])
+def test_optimizers_match_numpy_references(name):
+    # 12 steps: RAdam's un-rectified first steps (rho_t <= 5 until step 6 with b2 = 0.999), then rectified ones.
+    rng = np.random.default_rng(0)
+    grads = [rng.normal(size=5).astype(np.float32) for _ in range(12)]
+    p0 = rng.normal(size=5).astype(np.float32)
+    cfg = dict(name=name, lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.1, warmup_steps=0, grad_clip=0.0)
+    tx, _ = optim.make_optimizer(ml_collections.ConfigDict(cfg))
+    params = {"w": jnp.asarray(p0)}
+    state = tx.init(params)
+    ref = _adam_family_numpy(name, grads, p0, cfg["lr"], cfg["b1"], cfg["b2"], cfg["eps"], cfg["weight_decay"])
+    for g, want in zip(grads, ref):
+        u, state = tx.update({"w": jnp.asarray(g)}, state, params)
+        params = optax.apply_updates(params, u)
+        np.testing.assert_allclose(np.asarray(params["w"]), want, rtol=2e-5, atol=1e-6)
+
+
 def test_optimizers_warmup_and_clipping():
     base = dict(lr=1e-2, b1=0.9, b2=0.999, eps=1e-8, weight_decay=0.0, warmup_steps=4, grad_clip=0.0)
     _, sched = optim.make_optimizer(ml_collections.ConfigDict(dict(base, name="adam")))
