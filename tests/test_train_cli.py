@@ -41,7 +41,6 @@ def test_validation_error_reaches_the_user(tmp_path):
     assert r.returncode == 2 and "error: --workdir is required" in r.stderr and "Traceback" not in r.stderr
 
 
-@pytest.mark.slow
 def test_cli_train_then_sample(tmp_path):
     r = run_main(["--config=configs/tiny.py", f"--workdir={tmp_path}", "--config.train.num_steps=4",
                   "--config.train.sample_every=2", "--config.train.log_every=2"])
@@ -74,7 +73,6 @@ def test_cli_train_then_sample(tmp_path):
     assert r.returncode != 0 and "no tuned vectors for pushforward 1 steps" in r.stderr
 
 
-@pytest.mark.slow
 def test_sigterm_to_process_checkpoints(tmp_path):
     env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
     p = subprocess.Popen([sys.executable, "-m", "imm_jax.main", "--config=configs/tiny.py", f"--workdir={tmp_path}",

@@ -6,7 +6,6 @@ import subprocess
 import sys
 
 import numpy as np
-import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,7 +21,6 @@ def read(workdir):
         return [json.loads(line) for line in f]
 
 
-@pytest.mark.slow
 def test_two_processes_match_one(tmp_path):
     common = ["-m", "imm_jax.main", "--config=configs/tiny.py"]
     base_env = dict(os.environ, JAX_PLATFORMS="cpu")
