@@ -5,7 +5,9 @@ patch embedding, t/s timestep embedders and a label table summed into the condit
 blocks (LayerNorm without affine, eps 1e-6; fused qkv; `scaled_dot_product_attention`; GELU(tanh) MLP),
 the adaLN final layer. Parameter names are those of the official checkpoints, so
 `imm_jax.io.convert.convert_state_dict` maps this module's state_dict onto imm_jax's params: that is how
-bench/vs_torch.py checks that both networks compute the same function before timing them.
+bench/vs_torch.py checks that both networks compute the same function before timing them. (diffusers'
+DiTTransformer2DModel is not this network: its blocks carry their own timestep and label embedders, 39.8M
+parameters in the S/2 configuration against 33.1M.)
 
 Also the IMM pieces the benchmark times around it, written from the spec's formulas for the configuration
 of configs/imagenet256.py (Euler-FM parameterisation on the OT-FM path, sigma_d 0.5, temb "s", time scale
