@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every benchmark of docs/PERFORMANCE.md, with the arguments used there (run on an idle machine).
-# Writes bench/results/*.json; `if python -c "import torch" 2>/dev/null; then python bench/vs_torch.py --out bench/results/vs_torch.json; fi
-python bench/report.py` renders them as Markdown. ~20-30 min on 2 cores.
+# Writes bench/results/*.json; `python bench/report.py` renders them as Markdown. ~20-30 min on 2 cores
+# (+ ~20 min for bench/vs_torch.py where torch is installed).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python bench/train_step.py --models dit_s2 --devices 1 --fused 0 --iters 5 --warmup 2 --out bench/results/train_step_dit_s2.json

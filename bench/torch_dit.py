@@ -24,16 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-
-def pos_embed_2d(dim: int, grid: int) -> np.ndarray:
-    """(grid * grid, dim): [sin(j w), cos(j w), sin(i w), cos(i w)] for token i * grid + j."""
-    quarter = dim // 4
-    omega = 1.0 / 10000.0 ** (np.arange(quarter, dtype=np.float64) / quarter)
-    ang = np.arange(grid, dtype=np.float64)[:, None] * omega[None]
-    one = np.concatenate([np.sin(ang), np.cos(ang)], 1)
-    col = np.broadcast_to(one[None], (grid, grid, dim // 2))
-    row = np.broadcast_to(one[:, None], (grid, grid, dim // 2))
-    return np.concatenate([col, row], -1).reshape(grid * grid, dim).astype(np.float32)
+from imm_jax.networks.dit import pos_embed_2d  # the fixed sin-cos table (a constant buffer, not a parameter)
 
 
 class TimestepEmbedder(nn.Module):

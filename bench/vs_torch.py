@@ -149,7 +149,7 @@ def contenders(args, config, tnet, jnet, params):
                     torch_sample, jax_sample)
     if "train" in args.parts:
         import train_step as jax_train
-        run, _, _ = jax_train.compiled_step("dit_s2" if args.variant == "S/2" else None, b, False)
+        run, _, _ = jax_train.compiled_step("dit_s2", b, False)  # main() allows the train part for S/2 only
         tnet_train = copy.deepcopy(tnet).train()
         step = torch_dit.IMMStep(tnet_train, particles=int(config.imm.particles), k=int(config.imm.k))
         xb = torch.from_numpy(rng.uniform(-1, 1, (b, 4, 32, 32)).astype(np.float32))

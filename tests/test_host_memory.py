@@ -7,45 +7,38 @@ import sys
 import pytest
 
 PROBE = """
-import resource, sys, threading
+import resource, sys
 import numpy as np
 from imm_jax.kernels import host_memory
 from jax._src import xla_bridge
 applied = host_memory.keep_freed_memory()
 assert not xla_bridge.backends_are_initialized()  # decided before JAX starts its threads
-mib, threaded = int(sys.argv[1]), sys.argv[2] == "1"
+mib = int(sys.argv[1])
 def touch():
     a = np.ones(mib * 2**20 // 8)  # written, so every page is faulted in
     del a
-def run():
+touch()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
     touch()
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    for _ in range(5):
-        touch()
-    print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-if threaded:  # a worker thread started after the call (as XLA's are) allocates in the same kept heap
-    worker = threading.Thread(target=run)
-    worker.start()
-    worker.join()
-else:
-    run()
+print(applied, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
 """
 
 
-def probe(env_value, mib, threaded=False):
+def probe(env_value, mib):
     env = dict(os.environ)
     env.pop("LD_PRELOAD", None)
     env["IMM_JAX_KEEP_FREED_MEMORY"] = env_value
-    out = subprocess.run([sys.executable, "-c", PROBE, str(mib), "1" if threaded else "0"], env=env, capture_output=True, text=True, check=True)
+    out = subprocess.run([sys.executable, "-c", PROBE, str(mib)], env=env, capture_output=True, text=True, check=True)
     applied, faults = out.stdout.split()
     return applied == "True", int(faults)
 
 
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
-@pytest.mark.parametrize("mib,threaded", [(64, False), (2560, False)], ids=["64MiB", "2.5GiB"])  # 2.5 GiB: above the largest positive trim threshold
-def test_freed_blocks_are_reused_without_page_faults(mib, threaded):
-    applied_off, faults_off = probe("0", mib, threaded)  # opt-out: glibc's default, one fresh mmap per block
-    applied_on, faults_on = probe("1", mib, threaded)
+@pytest.mark.parametrize("mib", [64, 2560])  # 2.5 GiB: above the largest positive trim threshold
+def test_freed_blocks_are_reused_without_page_faults(mib):
+    applied_off, faults_off = probe("0", mib)  # opt-out: glibc's default, one fresh mmap per block
+    applied_on, faults_on = probe("1", mib)
     assert applied_on and not applied_off
     assert faults_off >= 5 * 64  # fresh pages for every block (fewer faults than pages with huge pages)
     assert faults_on * 10 <= faults_off
