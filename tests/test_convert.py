@@ -19,7 +19,7 @@ import pytest
 
 from imm_jax import config_files, networks
 from imm_jax.io import architecture, convert
-from imm_jax.networks import unet as unet_lib
+from imm_jax.networks import embeddings, unet as unet_lib
 
 SQ = math.sqrt(0.5)
 
@@ -27,8 +27,10 @@ SQ = math.sqrt(0.5)
 # --------------------------------------------------------------------- official-layout generators
 
 def edm_unet_state(rs, cfg, zeros=False):
-    """(state_dict in torch layout, module order) for an EDM SongUNet + IMM s path, standard enc/dec.
+    """(state_dict in torch layout, module order) for an EDM SongUNet + IMM s path.
 
+    Every encoder (standard | skip | residual) and decoder (standard | skip) type, either resample filter; with
+    the Fourier embedding the state has no frequency buffers (imm_jax derives them, see np_unet).
     zeros=True gives zero-stride views instead of random values (full-size key/shape checks, no memory)."""
     sd, order = {}, []
     mc, img, cin0 = cfg.model_channels, cfg.image_size, cfg.in_channels
@@ -74,7 +76,7 @@ def edm_unet_state(rs, cfg, zeros=False):
     lin("map_layer1", emb, emb)
     lin("map_layer0_s", noise, emb)
     lin("map_layer1_s", emb, emb)
-    cout, skips = cin0, []
+    cout, caux, skips = cin0, cin0, []
     for level, mult in enumerate(cfg.channel_mult):
         res = img >> level
         if level == 0:
@@ -83,6 +85,15 @@ def edm_unet_state(rs, cfg, zeros=False):
             cout = mc
         else:
             block(f"enc.{res}x{res}_down", cout, cout, down=True)
+            if cfg.encoder_type == "skip":  # the input image, filtered down, enters each level by a 1x1 conv
+                sd[f"enc.{res}x{res}_aux_down.resample_filter"] = filt
+                conv(f"enc.{res}x{res}_aux_skip", caux, cout, 1)
+                order += [("aux_down", f"enc.{res}x{res}_aux_down", {}), ("aux_skip", f"enc.{res}x{res}_aux_skip", {})]
+            elif cfg.encoder_type == "residual":  # a strided 3x3 conv chain from the input, averaged in
+                conv(f"enc.{res}x{res}_aux_residual", caux, cout, 3)
+                sd[f"enc.{res}x{res}_aux_residual.resample_filter"] = filt
+                order.append(("aux_residual", f"enc.{res}x{res}_aux_residual", {}))
+                caux = cout
         skips.append(cout)
         for idx in range(cfg.num_blocks):
             cin, cout = cout, mc * mult
@@ -99,7 +110,10 @@ def edm_unet_state(rs, cfg, zeros=False):
             cin, cout = cout + skips.pop(), mc * mult
             block(f"dec.{res}x{res}_block{idx}", cin, cout,
                   attn=idx == cfg.num_blocks and res in cfg.attn_resolutions)
-        if level == 0:
+        if cfg.decoder_type == "skip" or level == 0:  # skip: every level adds an output, upsampled on the way
+            if cfg.decoder_type == "skip" and level < len(cfg.channel_mult) - 1:
+                sd[f"dec.{res}x{res}_aux_up.resample_filter"] = filt
+                order.append(("aux_up", f"dec.{res}x{res}_aux_up", {}))
             norm(f"dec.{res}x{res}_aux_norm", cout)
             conv(f"dec.{res}x{res}_aux_conv", cout, cin0, 3)
             order.append(("out", f"dec.{res}x{res}_aux", {}))
@@ -172,14 +186,37 @@ def np_softmax(x, axis):
     return e / e.sum(axis=axis, keepdims=True)
 
 
-def np_block(sd, name, x, emb, heads, up=False, down=False, attn=False, **_):
+def np_down(v, f, pad=None):
+    """Depthwise stride-2 filtering by f f^T / sum(f)^2, zero padding (len(f) - 1) // 2 (or pad): EDM's down."""
+    f = np.asarray(f, np.float64)
+    k, pad = len(f), (len(f) - 1) // 2 if pad is None else pad
+    filt = np.outer(f, f) / f.sum() ** 2
+    vp = np.pad(v, ((0, 0), (0, 0), (pad, pad), (pad, pad)))
+    ho, wo = (vp.shape[2] - k) // 2 + 1, (vp.shape[3] - k) // 2 + 1
+    return sum(filt[a, b] * vp[:, :, a:a + 2 * ho:2, b:b + 2 * wo:2] for a in range(k) for b in range(k))
+
+
+def np_up(v, f):
+    """Depthwise stride-2 transposed filtering by 4 f f^T / sum(f)^2, cropped by (len(f) - 1) // 2: EDM's up."""
+    f = np.asarray(f, np.float64)
+    k, pad = len(f), (len(f) - 1) // 2
+    filt = 4 * np.outer(f, f) / f.sum() ** 2
+    n, c, h, w = v.shape
+    full = np.zeros((n, c, 2 * (h - 1) + k, 2 * (w - 1) + k))
+    for a in range(k):  # every input pixel scatters the filter at twice its position
+        for b in range(k):
+            full[:, :, a:a + 2 * h:2, b:b + 2 * w:2] += filt[a, b] * v
+    return full[:, :, pad:pad + 2 * h, pad:pad + 2 * w]
+
+
+def np_block(sd, name, x, emb, heads, up=False, down=False, attn=False, filt=(1, 1), **_):
     g = lambda k: sd[f"{name}.{k}"].astype(np.float64)  # noqa: E731
 
     def resample(v):
         if up:
-            v = v.repeat(2, axis=2).repeat(2, axis=3)
+            v = np_up(v, filt)
         if down:
-            v = 0.25 * (v[:, :, 0::2, 0::2] + v[:, :, 1::2, 0::2] + v[:, :, 0::2, 1::2] + v[:, :, 1::2, 1::2])
+            v = np_down(v, filt)
         return v
 
     orig = x
@@ -205,10 +242,15 @@ def np_unet(sd, order, x, t_in, s_in, labels, cfg, augment_labels=None):
     g = lambda k: sd[k].astype(np.float64)  # noqa: E731
     half = cfg.model_channels * cfg.channel_mult_noise // 2
 
-    def pe(t):
-        freqs = (1 / 10000) ** (np.arange(half) / (half - 1))
-        a = np.asarray(t, np.float64)[:, None] * freqs
-        return np.concatenate([np.sin(a), np.cos(a)], axis=1)  # [cos, sin] flipped
+    def pe(t, seed_offset=0):
+        if cfg.embedding_type == "fourier":  # EDM's FourierEmbedding: [cos, sin](2 pi f t), f ~ N(0, scale^2)
+            freqs = embeddings.fourier_frequencies(2 * half, cfg.fourier_scale, cfg.fourier_seed + seed_offset)
+            # phases reach ~1e5 rad (scale 16, t ~ 1e3): formed in float32 as EDM does (outer product of float32
+            # t and 2 pi f), else their rounding (~6e-3 rad) alone exceeds the tolerance
+            a = (np.asarray(t, np.float32)[:, None] * (2 * np.pi * freqs).astype(np.float32)).astype(np.float64)
+        else:
+            a = np.asarray(t, np.float64)[:, None] * (1 / 10000) ** (np.arange(half) / (half - 1))
+        return np.concatenate([np.sin(a), np.cos(a)], axis=1)  # [cos, sin] flipped by IMM's SongUNet
 
     emb = pe(t_in)
     if cfg.num_classes:
@@ -217,9 +259,10 @@ def np_unet(sd, order, x, t_in, s_in, labels, cfg, augment_labels=None):
     if augment_labels is not None:  # EDM's map_augment: bias-free, added beside the label
         emb = emb + np.asarray(augment_labels, np.float64) @ g("map_augment.weight").T
     emb = silu(emb @ g("map_layer0.weight").T + g("map_layer0.bias")) @ g("map_layer1.weight").T + g("map_layer1.bias")
-    emb_s = silu(pe(s_in) @ g("map_layer0_s.weight").T + g("map_layer0_s.bias"))
+    emb_s = silu(pe(s_in, 1) @ g("map_layer0_s.weight").T + g("map_layer0_s.bias"))
     emb = silu(emb + emb_s @ g("map_layer1_s.weight").T + g("map_layer1_s.bias"))
-    skips, h = [], x
+    filt = tuple(cfg.resample_filter)
+    skips, h, aux, out = [], x, x, None
     for kind, name, kw in order:
         if kind == "conv":
             h = np_conv(h, g(name + ".weight"), g(name + ".bias"), 1)
@@ -227,13 +270,24 @@ def np_unet(sd, order, x, t_in, s_in, labels, cfg, augment_labels=None):
         elif kind == "block":
             if name.startswith("dec.") and "_block" in name:
                 h = np.concatenate([h, skips.pop()], axis=1)
-            h = np_block(sd, name, h, emb, cfg.num_heads, **kw)
+            h = np_block(sd, name, h, emb, cfg.num_heads, filt=filt, **kw)
             if name.startswith("enc."):
                 skips.append(h)
+        elif kind == "aux_down":
+            aux = np_down(aux, filt)
+        elif kind == "aux_skip":
+            h = skips[-1] = h + np_conv(aux, g(name + ".weight"), g(name + ".bias"), 0)
+        elif kind == "aux_residual":  # fused: 3x3 conv padded by 1 + filter pad, then the unpadded stride-2 filter
+            r = np_conv(aux, g(name + ".weight"), np.zeros(sd[name + ".bias"].shape), 1 + (len(filt) - 1) // 2)
+            r = np_down(r, filt, pad=0) + g(name + ".bias")[None, :, None, None]
+            h = skips[-1] = aux = (h + r) / np.sqrt(2)
+        elif kind == "aux_up":
+            out = np_up(out, filt)
         else:
-            h = silu(np_gn(h, g(name + "_norm.weight"), g(name + "_norm.bias")))
-            h = np_conv(h, g(name + "_conv.weight"), g(name + "_conv.bias"), 1)
-    return h
+            tmp = silu(np_gn(h, g(name + "_norm.weight"), g(name + "_norm.bias")))
+            tmp = np_conv(tmp, g(name + "_conv.weight"), g(name + "_conv.bias"), 1)
+            out = tmp if out is None else tmp + out
+    return out
 
 
 def np_dit(sd, x, t_in, s_in, labels, p, heads):
@@ -278,10 +332,10 @@ def np_dit(sd, x, t_in, s_in, labels, p, heads):
 
 # --------------------------------------------------------------------------------------- fixtures
 
-def tiny_unet_cfg(num_classes=3):
-    return networks.unet_config(image_size=8, in_channels=3, num_classes=num_classes, model_channels=16,
-                                channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), num_heads=2,
-                                dropout=0.0)
+def tiny_unet_cfg(num_classes=3, **kw):
+    fields = dict(model_channels=16, channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), num_heads=2,
+                  dropout=0.0)
+    return networks.unet_config(image_size=8, in_channels=3, num_classes=num_classes, **{**fields, **kw})
 
 
 def tiny_dit_cfg():
@@ -303,8 +357,14 @@ def _paths(tree):
 
 # ------------------------------------------------------------------------------------------- tests
 
-def test_unet_every_key_consumed_and_forward_matches_numpy():
-    cfg = tiny_unet_cfg()
+@pytest.mark.parametrize("variant", [
+    dict(),
+    dict(preset="ncsnpp"),  # Fourier embedding, (1, 3, 3, 1) filter, residual encoder
+    dict(encoder_type="skip", decoder_type="skip", channel_mult=(1, 2, 2)),  # 3 levels: the aux chains compound
+    dict(encoder_type="residual", decoder_type="skip", resample_filter=(1, 3, 3, 1), channel_mult=(1, 2, 2)),
+], ids=["ddpmpp", "ncsnpp", "skip-skip", "residual-skip-fir"])
+def test_unet_every_key_consumed_and_forward_matches_numpy(variant):
+    cfg = tiny_unet_cfg(**variant)
     rs = np.random.RandomState(0)
     sd, order = edm_unet_state(rs, cfg)
     wrapped = {"model." + k: v for k, v in sd.items()}  # IMMPrecond-style prefix
