@@ -37,11 +37,14 @@ def probe(env_value, mib):
 @pytest.mark.skipif(platform.system() != "Linux" or platform.libc_ver()[0] != "glibc", reason="glibc only")
 @pytest.mark.parametrize("mib", [64, 2560])  # 2.5 GiB: above the largest positive trim threshold
 def test_freed_blocks_are_reused_without_page_faults(mib):
-    applied_off, faults_off = probe("0", mib)  # opt-out: glibc's default, one fresh mmap per block
+    # Fresh blocks cost at least one fault per 2 MiB huge page each time: the floor below which reuse shows.
+    fresh_floor = 5 * mib // 2
     applied_on, faults_on = probe("1", mib)
-    assert applied_on and not applied_off
-    assert faults_off >= 5 * 64  # fresh pages for every block (fewer faults than pages with huge pages)
-    assert faults_on * 10 <= faults_off
+    assert applied_on
+    assert faults_on * 10 <= fresh_floor
+    if mib <= 64:  # the opt-out measured once, at the small size (at 2.5 GiB it costs ~12 GiB of page faulting)
+        applied_off, faults_off = probe("0", mib)  # glibc's default: one fresh mmap per block
+        assert not applied_off and faults_off >= fresh_floor
 
 
 @pytest.mark.parametrize("host", ["plugin installed", "JAX_PLATFORMS=tpu", "backends started"])
