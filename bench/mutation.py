@@ -137,11 +137,19 @@ def check_copy_is_imported(package_root: str) -> None:
         raise SystemExit(f"the package copy is shadowed: imports resolve to {out}")
 
 
-def run_tests(package_root: str, timeout: float) -> tuple[str, float]:
+def tests_for(module: str | None) -> list[str]:
+    """TESTS with the mutated module's own test file first (pytest -x stops at the first failure, so a mutant its
+    own tests kill costs one file, not the whole list); every file runs for a survivor."""
+    own = f"tests/test_{module}.py"
+    return ([own] if own in TESTS else []) + [t for t in TESTS if t != own]
+
+
+def run_tests(package_root: str, timeout: float, module: str | None = None) -> tuple[str, float]:
     """'killed' | 'survived' | 'timeout' for the package copy at package_root, and seconds taken."""
     t0 = time.time()
     try:
-        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", *TESTS],
+        r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
+                            *tests_for(module)],
                            cwd=package_root, env=_env(package_root), capture_output=True, text=True,
                            timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -197,7 +205,7 @@ def main(argv=None):
             original = open(os.path.join(ROOT, "imm_jax", "core", f"{s['module']}.py")).read()
             with open(path, "w") as f:
                 f.write(mutate(original, s["index"]))
-            outcome, secs = run_tests(tmp, args.timeout)
+            outcome, secs = run_tests(tmp, args.timeout, s["module"])
             with open(path, "w") as f:
                 f.write(original)
             results.append(dict(copy.deepcopy(s), outcome=outcome, seconds=round(secs, 1)))

@@ -40,3 +40,27 @@ def test_vs_torch_checks_the_networks_agree_then_times_both(tmp_path):
     assert same["sample_2step_cfg_max_abs_diff"] <= 1e-4 * max(1.0, same["sample_max_abs"])
     assert [r["part"] for r in result["rows"]] == ["forward", "sample 1 step", "sample 1 step, CFG 1.5"]
     assert all(r["torch_s"] > 0 and r["jax_s"] > 0 for r in result["rows"])
+
+
+def test_mutation_harness_sites_are_real_single_edits():
+    # bench/mutation.py's score is only meaningful if every listed site is applied, changes the code, and changes
+    # one expression (the unparsed mutant differs from the unparsed original in exactly one line).
+    import ast
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    try:
+        import mutation
+    finally:
+        sys.path.pop(0)
+    for module in mutation.MODULES:
+        src = open(os.path.join(ROOT, "imm_jax", "core", f"{module}.py")).read()
+        base = ast.unparse(ast.parse(src)).splitlines()
+        sites = mutation.mutation_sites(src)
+        assert len(sites) >= 20, module
+        for s in sites:
+            mutant = mutation.mutate(src, s["index"]).splitlines()
+            assert len(mutant) == len(base)
+            assert sum(a != b for a, b in zip(mutant, base)) == 1, (module, s)
+        with pytest.raises(IndexError):
+            mutation.mutate(src, len(sites))
+    order = mutation.tests_for("mmd")
+    assert order[0] == "tests/test_mmd.py" and sorted(order) == sorted(mutation.TESTS)
