@@ -120,3 +120,15 @@ def test_config_errors_are_clear():
         Parameterization(f_type="edm")
     with pytest.raises(ValueError, match="temb"):
         Parameterization(temb="t")
+    for bad in (0.0, -0.5):  # zero too: c_in = 1 / (sigma_d ...) would divide by it
+        with pytest.raises(ValueError, match="sigma_d must be positive"):
+            Parameterization(sigma_d=bad)
+
+
+@pytest.mark.parametrize("schedule", ["fm", "cosine"])
+def test_identity_map_at_time_zero_is_finite(schedule):
+    # f_{0,0} with the identity parameterisation: sigma_0 / sigma_0 is 0 / 0, the map's limit is the identity.
+    p = Parameterization(f_type="identity", schedule=schedule, sigma_d=SIGMA_D)
+    skip, out = p.c_skip_out(jnp.zeros(3), jnp.zeros(3))
+    np.testing.assert_array_equal(np.asarray(skip), np.ones(3))
+    np.testing.assert_array_equal(np.asarray(out), np.zeros(3))
