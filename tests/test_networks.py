@@ -8,6 +8,7 @@ import pytest
 from imm_jax import networks
 from imm_jax.networks import dit as dit_lib
 from imm_jax.networks import embeddings
+from test_convert import np_down, np_up  # NumPy EDM resampling (NCHW), shared with the SongUNet reference
 
 
 def _count(tree):
@@ -336,35 +337,14 @@ def test_unet_bfloat16_close_to_float32():
     assert rel < 0.03, rel  # bf16 8-bit mantissa: ~0.4% per op, a few percent end to end
 
 
-def _np_resample(x, f, up):
-    """NumPy EDM resampling (NCHW loops): depthwise conv2d / conv_transpose2d by f f^T / sum^2."""
-    f = np.asarray(f, np.float64)
-    k = np.outer(f, f) / f.sum() ** 2
-    n, h, w, c = x.shape
-    kk, pad = len(f), (len(f) - 1) // 2
-    if up:
-        k = 4 * k
-        out = np.zeros((n, 2 * h + kk - 2, 2 * w + kk - 2, c))
-        for i in range(h):
-            for j in range(w):
-                out[:, 2 * i:2 * i + kk, 2 * j:2 * j + kk, :] += x[:, i:i + 1, j:j + 1, :] * k[None, :, :, None]
-        return out[:, pad:pad + 2 * h, pad:pad + 2 * w]
-    xp = np.pad(x, ((0, 0), (pad, pad), (pad, pad), (0, 0)))
-    ho = (h + 2 * pad - kk) // 2 + 1
-    out = np.zeros((n, ho, ho, c))
-    for i in range(ho):
-        for j in range(ho):
-            out[:, i, j] = np.einsum("nabc,ab->nc", xp[:, 2 * i:2 * i + kk, 2 * j:2 * j + kk], k)
-    return out
-
-
 @pytest.mark.parametrize("f", [(1, 1), (1, 3, 3, 1)])
 def test_resampling_matches_numpy(f):
     x = np.random.RandomState(0).randn(2, 8, 8, 3).astype(np.float32)
-    np.testing.assert_allclose(np.asarray(unet_lib.upsample(jnp.asarray(x), f)), _np_resample(x, f, True),
-                               rtol=1e-5, atol=1e-5)
+    nchw = x.transpose(0, 3, 1, 2).astype(np.float64)
+    np.testing.assert_allclose(np.asarray(unet_lib.upsample(jnp.asarray(x), f)),
+                               np_up(nchw, f).transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
     np.testing.assert_allclose(np.asarray(unet_lib.downsample(jnp.asarray(x), f)),
-                               _np_resample(x, f, False), rtol=1e-5, atol=1e-5)
+                               np_down(nchw, f).transpose(0, 2, 3, 1), rtol=1e-5, atol=1e-5)
 
 
 def test_group_norm_matches_numpy():
