@@ -1,6 +1,7 @@
 """f_{s,t} parameterisations: NumPy references, boundary identity, ideal targets reproduce DDIM, CFG."""
 import numpy as np
 import pytest
+import jax
 import jax.numpy as jnp
 
 from imm_jax.core.parameterization import Parameterization
@@ -106,9 +107,15 @@ def test_cfg_applies_to_raw_output():
     out = p.apply(net, x_t, s, t, labels, cfg_scale=1.5, null_label=10)
     g = 10 + 1.5 * (labels - 10.0)  # G(null) + w (G(c) - G(null))
     np.testing.assert_allclose(out[:, 0, 0, 0], -(0.6 - 0.2) * 0.5 * g, rtol=1e-5)
-    # w = 1 is plain conditional sampling.
-    out1 = p.apply(net, x_t, s, t, labels, cfg_scale=1.0, null_label=10)
+    # w = 1 is plain conditional sampling, one network pass on the batch (not the doubled batch of guidance).
+    batches = []
+    counting = lambda x_in, t_in, s_in, lab: batches.append(x_in.shape[0]) or net(x_in, t_in, s_in, lab)
+    out1 = p.apply(counting, x_t, s, t, labels, cfg_scale=1.0, null_label=10)
     np.testing.assert_allclose(out1[:, 0, 0, 0], -(0.4) * 0.5 * labels, rtol=1e-5)
+    assert batches == [2]
+    # w = 0 is unconditional sampling: G(null) for every label.
+    out0 = p.apply(net, x_t, s, t, labels, cfg_scale=0.0, null_label=10)
+    np.testing.assert_allclose(out0[:, 0, 0, 0], -(0.4) * 0.5 * np.full(2, 10.0), rtol=1e-5)
     with pytest.raises(ValueError, match="null_label"):
         p.apply(net, x_t, s, t, labels, cfg_scale=2.0)
 
@@ -132,3 +139,13 @@ def test_identity_map_at_time_zero_is_finite(schedule):
     skip, out = p.c_skip_out(jnp.zeros(3), jnp.zeros(3))
     np.testing.assert_array_equal(np.asarray(skip), np.ones(3))
     np.testing.assert_array_equal(np.asarray(out), np.zeros(3))
+
+
+@pytest.mark.parametrize("time", [0.0, 0.5])
+def test_identity_map_at_t_equal_s_has_finite_gradients(time):
+    # The inner guard of sigma_s / sigma_t keeps the unselected branch finite, so gradients through the map's
+    # coefficients (in s and t) stay finite where t = s.
+    p = Parameterization(f_type="identity", schedule="fm", sigma_d=SIGMA_D)
+    coeff_sum = lambda s, t: sum(c.sum() for c in p.c_skip_out(s, t))
+    gs, gt = jax.grad(coeff_sum, argnums=(0, 1))(jnp.full(3, time), jnp.full(3, time))
+    assert np.isfinite(np.asarray(gs)).all() and np.isfinite(np.asarray(gt)).all()
