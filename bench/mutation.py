@@ -31,6 +31,9 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODULES = ("interpolants", "parameterization", "mmd", "losses", "sampling")
 TESTS = ["tests/test_interpolants.py", "tests/test_parameterization.py", "tests/test_mmd.py",
          "tests/test_losses.py", "tests/test_sampling.py", "tests/test_toy.py", "tests/test_tuning.py"]
+# test_tuning's network tests (per-layer conditioning of the DiT / UNet) call nothing in core; ~90 s per survivor
+DESELECT = ["tests/test_tuning.py::test_cond_override_and_offset_reproduce_default_and_reach_every_layer",
+            "tests/test_tuning.py::test_unet_override_refuses_class_conditional_but_offset_works"]
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult}
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -149,7 +152,7 @@ def run_tests(package_root: str, timeout: float, module: str | None = None) -> t
     t0 = time.time()
     try:
         r = subprocess.run([sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider",
-                            *tests_for(module)],
+                            *tests_for(module), *(f"--deselect={t}" for t in DESELECT)],
                            cwd=package_root, env=_env(package_root), capture_output=True, text=True,
                            timeout=timeout)
     except subprocess.TimeoutExpired:

@@ -81,3 +81,15 @@ def test_bad_input_is_clear():
         mmd.grouped_mmd(jnp.zeros((1, 2, 3)), jnp.zeros((1, 2, 3)), kernel_weight=1.0, kernel="energy")
     with pytest.raises(ValueError, match="must both be"):
         mmd.grouped_mmd(jnp.zeros((1, 2, 3)), jnp.zeros((1, 3, 3)), kernel_weight=1.0)
+    with pytest.raises(ValueError, match="must both be"):
+        mmd.grouped_mmd(jnp.zeros((4,)), jnp.zeros((4,)), kernel_weight=1.0)
+
+
+def test_scalar_particles_are_one_dimensional_samples():
+    # (G, M) particles (no trailing dims, D = 1) are valid input, the same as (G, M, 1).
+    yt = RNG.normal(size=(3, 4))
+    yr = RNG.normal(size=(3, 4))
+    w = RNG.uniform(0.5, 5, 3)
+    out = mmd.grouped_mmd(jnp.asarray(yt, jnp.float32), jnp.asarray(yr, jnp.float32),
+                          kernel_weight=jnp.asarray(w, jnp.float32))
+    np.testing.assert_allclose(out, ref_grouped_mmd(yt[..., None], yr[..., None], w, "laplace"), rtol=1e-4, atol=1e-6)
