@@ -127,6 +127,18 @@ def test_loss_finite_value_and_gradient(f_type):
         assert np.isfinite(float(metrics[key]))
 
 
+def test_time_bin_metrics_are_four_bins_holding_each_groups_loss():
+    # One group per batch (M = 8): its weighted loss lands in exactly one of loss_t0..loss_t3, the others are 0.
+    obj, net, params, x, _ = make({"particles": 8})
+    for seed in range(3):
+        loss, metrics = losses.imm_loss(net, params, x, None, jax.random.key(seed), objective=obj)
+        bins = sorted(k for k in metrics if k.startswith("loss_t"))
+        assert bins == ["loss_t0", "loss_t1", "loss_t2", "loss_t3"]
+        values = np.array([float(metrics[k]) for k in bins])
+        assert np.count_nonzero(values) == 1
+        np.testing.assert_allclose(values.sum(), float(loss), rtol=1e-6)
+
+
 def test_loss_matches_manual_computation():
     """Rebuild the loss step by step from the public pieces with an independent time draw."""
     obj, net, params, x, _ = make()
