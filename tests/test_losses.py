@@ -223,6 +223,15 @@ def test_label_dropout_is_shared_by_both_passes():
     assert np.any(seen[0] == 3) and np.any(seen[0] != 3)
 
 
+def test_label_dropout_replaces_a_fraction_p_by_the_null_class():
+    labels = jnp.asarray(np.arange(20000) % 10, jnp.int32)
+    out = np.asarray(losses.drop_labels(jax.random.key(4), labels, 0.2, 10))
+    dropped = out == 10
+    assert abs(dropped.mean() - 0.2) < 0.015  # binomial sd 0.003
+    np.testing.assert_array_equal(out[~dropped], np.asarray(labels)[~dropped])
+    assert losses.drop_labels(jax.random.key(4), labels, 0.0, 10) is labels
+
+
 def test_dropout_keys_choice():
     obj_ind, net, params, x, _ = make(dropout=0.5)
     obj_sh = IMMObjective(**{**obj_ind.__dict__, "dropout_keys": "shared"})
