@@ -223,6 +223,23 @@ def test_label_dropout_is_shared_by_both_passes():
     assert np.any(seen[0] == 3) and np.any(seen[0] != 3)
 
 
+def test_time_bin_metrics_match_numpy():
+    # loss_ti = mean per-group loss over the groups whose t lies in the i-th quarter of [t_min, t_max].
+    obj = make()[0]
+    t = RNG.uniform(obj.t_min, obj.t_max, 64)
+    per_group = RNG.uniform(0.0, 1.0, 64)
+    got = losses._time_bin_metrics(jnp.asarray(per_group, jnp.float32), jnp.asarray(t, jnp.float32), obj)
+    width = (obj.t_max - obj.t_min) / 4
+    for i in range(4):
+        inside = (t >= obj.t_min + i * width) & (t < obj.t_min + (i + 1) * width)
+        assert inside.sum() >= 5
+        np.testing.assert_allclose(float(got[f"loss_t{i}"]), per_group[inside].mean(), rtol=1e-5)
+    # The last bin is closed (t = t_max belongs to it); empty bins report 0.
+    top = losses._time_bin_metrics(jnp.array([1.0, 2.0, 3.0]), jnp.array([obj.t_max - 1e-4, obj.t_max, obj.t_max]),
+                                   obj)
+    assert [float(top[f"loss_t{i}"]) for i in range(4)] == [0.0, 0.0, 0.0, 2.0]
+
+
 def test_label_dropout_replaces_a_fraction_p_by_the_null_class():
     labels = jnp.asarray(np.arange(20000) % 10, jnp.int32)
     out = np.asarray(losses.drop_labels(jax.random.key(4), labels, 0.2, 10))
