@@ -3,6 +3,7 @@
     python bench/mutation.py --out bench/results/mutation.json                 # every mutant (hours on 2 cores)
     python bench/mutation.py --modules mmd losses --max-per-module 20 --seed 0  # a sample
     python bench/mutation.py --list                                           # the mutants, without running
+    python bench/mutation.py --report --out bench/results/mutation.json       # score and survivors of a run
 
 Each mutant is one small edit of one expression in a core module (an arithmetic or comparison operator
 swapped, a numeric constant changed, a unary minus dropped, maximum <-> minimum, where's branches swapped),
@@ -11,7 +12,8 @@ that exercise core, including the 2-D toy) then run from a copy of the repositor
 that the copy, not the checkout, is what gets imported. A mutant is killed when
 the tests fail or time out, survives when they pass. Docstrings and error messages are not mutated. Results are
 appended to --out as they finish (an interrupted run resumes); the summary lists the surviving mutants, which
-are either missing tests or equivalent mutants (a change that cannot alter any result), to be read by hand.
+are either missing tests or equivalent mutants (a change that cannot alter any result), to be read by hand;
+those found equivalent are listed in EQUIVALENT with the reason and excepted from the score.
 """
 from __future__ import annotations
 
@@ -34,6 +36,23 @@ TESTS = ["tests/test_interpolants.py", "tests/test_parameterization.py", "tests/
 # test_tuning's network tests (per-layer conditioning of the DiT / UNet) call nothing in core; ~90 s per survivor
 DESELECT = ["tests/test_tuning.py::test_cond_override_and_offset_reproduce_default_and_reach_every_layer",
             "tests/test_tuning.py::test_unet_override_refuses_class_conditional_but_offset_works"]
+
+# Surviving mutants read by hand and found equivalent (no input the module's contract allows gives another
+# result), keyed by (module, the mutated source line without its comment, stripped, the mutation): the reason.
+EQUIVALENT = {
+    ("mmd", "DIST_EPS = 1e-8", "1e-08 -> 2e-08"):
+        "the distance floor: kernel values at coincident particles are exp(-w 1e-8 / D) = 1 in float32 either "
+        "way, and the floor's gradient is 0 either way",
+    ("mmd", "return jnp.exp(-weight * jnp.sqrt(jnp.maximum(sq, DIST_EPS ** 2)) / d)", "2 -> 3"):
+        "the squared-distance floor 1e-16 -> 1e-24: kernel values move by <= w 1e-8 / D and the gradient stays "
+        "finite (|d dist / dx| <= 1)",
+    ("mmd", "d = a.shape[-1]", "drop unary minus"):
+        "kernel_matrix takes (M, D) arrays, so shape[1] is shape[-1]",
+    ("losses", "base = e < delta", "Lt -> LtE"):
+        "at eta_t == delta the step lands at r = 0, which the final clip raises to s: the base case's r = s",
+    ("losses", "if min_gap > 0:", "Gt -> GtE"):
+        "with min_gap = 0, minimum(r, t - 0) is r, since r <= t",
+}
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult}
 _CMP_SWAP = {ast.Lt: ast.LtE, ast.LtE: ast.Lt, ast.Gt: ast.GtE, ast.GtE: ast.Gt, ast.Eq: ast.NotEq,
@@ -168,6 +187,7 @@ def main(argv=None):
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per mutant's test run")
     p.add_argument("--out", default="bench/results/mutation.json")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
+    p.add_argument("--report", action="store_true", help="print the score and survivors of --out and exit")
     args = p.parse_args(argv)
 
     plan = []
@@ -185,6 +205,8 @@ def main(argv=None):
         return 0
 
     results = json.load(open(args.out))["mutants"] if os.path.isfile(args.out) else []
+    if args.report:
+        return report(results)
     done = {(r["module"], r["index"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(os.path.join(ROOT, "imm_jax"), os.path.join(tmp, "imm_jax"),
@@ -217,11 +239,30 @@ def main(argv=None):
             with open(args.out + ".tmp", "w") as f:
                 json.dump(dict(command=" ".join(sys.argv), mutants=results), f, indent=1)
             os.replace(args.out + ".tmp", args.out)
+    return report(results)
+
+
+def equivalence(result: dict) -> str | None:
+    """The recorded reason if this surviving mutant is listed in EQUIVALENT (matched on the current source)."""
+    lines = open(os.path.join(ROOT, "imm_jax", "core", f"{result['module']}.py")).read().splitlines()
+    text = lines[result["line"] - 1].split("  #")[0].strip() if 0 < result["line"] <= len(lines) else ""
+    return EQUIVALENT.get((result["module"], text, result["desc"]))
+
+
+def report(results: list[dict]) -> int:
+    """Print the score (killed / all but the equivalent mutants) and every survivor."""
     killed = sum(r["outcome"] != "survived" for r in results)
-    print(f"mutation score: {killed}/{len(results)} killed ({100 * killed / max(len(results), 1):.0f}%)")
-    for r in results:
-        if r["outcome"] == "survived":
-            print(f"  survived: {r['module']}.py:{r['line']} {r['kind']}: {r['desc']}")
+    timeouts = sum(r["outcome"] == "timeout" for r in results)
+    survivors = [r for r in results if r["outcome"] == "survived"]
+    equivalent = [r for r in survivors if equivalence(r)]
+    scored = len(results) - len(equivalent)
+    print(f"{len(results)} mutants run: {killed} killed ({timeouts} by timeout), {len(survivors)} survived, "
+          f"{len(equivalent)} of them equivalent")
+    print(f"mutation score (equivalent mutants excepted): {killed}/{scored} ({100 * killed / max(scored, 1):.1f}%)")
+    for r in survivors:
+        why = equivalence(r)
+        print(f"  {'equivalent' if why else 'survived'}: {r['module']}.py:{r['line']} {r['kind']}: {r['desc']}"
+              + (f" ({why})" if why else ""))
     return 0
 
 

@@ -64,3 +64,9 @@ def test_mutation_harness_sites_are_real_single_edits():
             mutation.mutate(src, len(sites))
     order = mutation.tests_for("mmd")
     assert order[0] == "tests/test_mmd.py" and sorted(order) == sorted(mutation.TESTS)
+    # Each mutant listed as equivalent still names a mutation site of the current source (the list must not rot).
+    for module, text, desc in mutation.EQUIVALENT:
+        src = open(os.path.join(ROOT, "imm_jax", "core", f"{module}.py")).read()
+        lines = src.splitlines()
+        assert any(lines[s["line"] - 1].split("  #")[0].strip() == text and s["desc"] == desc
+                   for s in mutation.mutation_sites(src)), (module, text, desc)
