@@ -10,8 +10,8 @@ Differences from the paper's CIFAR recipe, all for a ~15 minute CPU run: a small
 batch 64 instead of 4096, AdamW at lr 1e-3 with warm-up and clipping, k = 7 instead of 15 (coarse r(s, t)
 steps: most pairs with t < 0.7 hit the base case r = s, so the induction bootstraps within minutes; k = 10 or 12
 still gave formless blobs after 15 CPU-minutes, k = 7 gave recognisable garments of every class after ~900 steps),
-M = 2 particles instead of 4 (at about this budget, 256k training images, M = 1 and 2 are level within the seed spread
-and M = 4 is 8-11 FID behind at 1-4 steps: at a fixed batch, fewer particles give more (s, t) pairs per step;
+M = 2 particles instead of 4 (at about this budget, 256k training images, M = 1 and 2 cannot be told apart over two
+training seeds each, and M = 4 is behind at 2-4 steps: at a fixed batch, fewer particles give more (s, t) pairs per step;
 at batch 256 and 461k images M = 2 was the best of M = 1/2/4/8; docs/RESULTS.md), fast EMAs, label dropout 0.1 for
 classifier-free guidance.
 
