@@ -92,6 +92,8 @@ def test_ablation_mappings_step_sizes():
     s = jnp.array([0.0])
     r_t = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.0, t_max=1.0, kind="t")
     np.testing.assert_allclose(t - r_t, 1 / 16, rtol=1e-6)
+    r_t = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.1, t_max=0.9, kind="t")  # delta = (T - eps) / 2^k
+    np.testing.assert_allclose(t - r_t, 0.8 / 16, rtol=1e-5)
     r_l = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.001, t_max=0.994, kind="logsnr")
     d_l = (float(interpolants.logsnr(0.001, "fm")) - float(interpolants.logsnr(0.994, "fm"))) / 16
     np.testing.assert_allclose(interpolants.logsnr(r_l, "fm") - interpolants.logsnr(t, "fm"), d_l, rtol=1e-4)
