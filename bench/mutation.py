@@ -50,6 +50,8 @@ EQUIVALENT = {
         "kernel_matrix takes (M, D) arrays, so shape[1] is shape[-1]",
     ("losses", "base = e < delta", "Lt -> LtE"):
         "at eta_t == delta the step lands at r = 0, which the final clip raises to s: the base case's r = s",
+    ("losses", "base = r < 0", "Lt -> LtE"):
+        "the 't' mapping at r == 0: either way r ends at s (the base case, or r = 0 clipped up to s)",
     ("losses", "if min_gap > 0:", "Gt -> GtE"):
         "with min_gap = 0, minimum(r, t - 0) is r, since r <= t",
 }
