@@ -273,6 +273,8 @@ def test_objective_validation():
         IMMObjective(label_dropout=0.1)
     with pytest.raises(ValueError, match="Unknown mapping"):
         IMMObjective(mapping="lambda")
+    with pytest.raises(ValueError, match=r"eta\(1\) is infinite"):
+        IMMObjective(t_max=1.0)  # OT-FM's eta = t / (1 - t)
 
 
 def test_fm_loss_matches_manual_and_has_gradient():
