@@ -244,11 +244,15 @@ def main(argv=None):
     return report(results)
 
 
+def source_line(module: str, line: int) -> str:
+    """Line `line` of imm_jax/core/<module>.py without its comment, stripped ('' past the end): EQUIVALENT's key."""
+    lines = open(os.path.join(ROOT, "imm_jax", "core", f"{module}.py")).read().splitlines()
+    return lines[line - 1].split("  #")[0].strip() if 0 < line <= len(lines) else ""
+
+
 def equivalence(result: dict) -> str | None:
     """The recorded reason if this surviving mutant is listed in EQUIVALENT (matched on the current source)."""
-    lines = open(os.path.join(ROOT, "imm_jax", "core", f"{result['module']}.py")).read().splitlines()
-    text = lines[result["line"] - 1].split("  #")[0].strip() if 0 < result["line"] <= len(lines) else ""
-    return EQUIVALENT.get((result["module"], text, result["desc"]))
+    return EQUIVALENT.get((result["module"], source_line(result["module"], result["line"]), result["desc"]))
 
 
 def report(results: list[dict]) -> int:
