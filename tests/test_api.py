@@ -15,6 +15,7 @@ from imm_jax.core import sampling
 from imm_jax.core.losses import IMMObjective
 from imm_jax.inference import export
 from imm_jax.training import checkpointing
+from tiny_net import perturbed
 
 
 def tiny_config():
@@ -28,11 +29,9 @@ def ckpt(tmp_path_factory):
     config = tiny_config()
     net = networks.build(config.model)
     x = jnp.zeros((2, 8, 8, 1))
-    params = net.init(jax.random.key(0), x, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32))["params"]
+    params = jax.jit(net.init)(jax.random.key(0), x, jnp.zeros(2), jnp.zeros(2), jnp.zeros(2, jnp.int32))["params"]
     # DiT is zero-initialised at the output; perturb every leaf so samples depend on the network.
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(1), len(leaves))
-    params = jax.tree.unflatten(tree, [l + 0.2 * jax.random.normal(k, l.shape) for l, k in zip(leaves, keys)])
+    params = perturbed(params, seed=1, scale=0.2)
     path = str(tmp_path_factory.mktemp("ckpt"))
     checkpointing.save_for_sampling(path, params, config)
     return path, config, net, params

@@ -1,6 +1,7 @@
 """EDM augmentation (imm_jax.training.augment) against a NumPy reference written from EDM's algorithm (NCHW,
 data-dependent margin, zero insertion + np.convolve, explicit affine_grid / grid_sample), closed-form identities
-of the transforms, the draw statistics, and the pipeline inside the train step (mesh, resume, p = 0)."""
+of the transforms, the draw statistics, and the pipeline inside the train step's loss (p = 0, gradients; resume in
+the slow tests)."""
 import math
 
 import jax
@@ -8,7 +9,6 @@ import numpy as np
 import pytest
 
 from imm_jax.training import augment
-from test_train import compilation_cache  # noqa: F401 (module fixture: the train tests reuse one compilation)
 
 HZ = np.asarray(augment.SYM6, np.float64)
 EDM = dict(augment.EDM_CIFAR_OPS)
@@ -281,45 +281,36 @@ def test_config_validation_messages():
         config_validation.validate(c, num_devices=1)
 
 
-def test_train_step_with_augmentation_mesh_p0_and_gradients():
+def test_train_loss_with_augmentation_p0_and_gradients():
+    """The train step's loss augments (and at p = 0 is the plain IMM loss), and the augment embedding gets
+    gradients. Sharding is checked on the pieces: the augmentation (test_sharded_augmentation_equals_single_device)
+    and the train step (test_train), both plain jit over the global batch."""
     from imm_jax.core import losses
     from imm_jax.training import input_pipeline, sharding, train
     from test_config import load
-    from test_train import _two_steps, leaves
 
     c = load("tiny", "augment")
-    st8, m8 = _two_steps(c, sharding.make_mesh(c.mesh))
     tr = train.Trainer(c, mesh=sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
-    state = tr.init()
-    pipeline = input_pipeline.Pipeline(c, tr.mesh)
-    batch = pipeline.global_batch(0)
+    params = tr.init().params
+    batch = input_pipeline.Pipeline(c, tr.mesh).global_batch(0)
     key = jax.random.key(0)
-    loss_fn = train.make_loss_fn(c, tr.net, tr.objective)
-    # The augmentation changes the loss ...
     off = load("tiny", "augment")
     off.data.augment_p = 0.0
+    loss_aug = lambda p: train.make_loss_fn(c, tr.net, tr.objective)(p, batch, key, 0)[0]
 
-    def both(p):
+    def losses_and_grad(p):
         plain = losses.imm_loss(tr.net, p, batch["image"], batch["label"], key, objective=tr.objective,
                                 train=True, step=0)[0]
-        return loss_fn(p, batch, key, 0)[0], train.make_loss_fn(off, tr.net, tr.objective)(p, batch, key, 0)[0], plain
-    aug, loss_off, plain = jax.jit(both)(state.params)
+        loss_off = train.make_loss_fn(off, tr.net, tr.objective)(p, batch, key, 0)[0]
+        aug, grads = jax.value_and_grad(loss_aug)(p)
+        return aug, loss_off, plain, grads["map_augment"]["kernel"]
+    aug, loss_off, plain, grad = jax.jit(losses_and_grad)(params)
+    # The augmentation changes the loss ...
     assert float(aug) != float(loss_off)
-    # ... and at p = 0 the step is the unaugmented one (same images, no augmentation label).
+    # ... at p = 0 the loss is the unaugmented one (same images, no augmentation label) ...
     assert float(plain) == float(loss_off)
-    # The sharded step (8 devices) equals the single-device one, and the augment embedding gets gradients (with
-    # weight decay 0, its weights move only if their gradient is nonzero).
-    assert c.optim.weight_decay == 0
-    augment_init = np.asarray(state.params["map_augment"]["kernel"])
-    m1 = []
-    for step in range(2):
-        state, m = tr.train_step(state, pipeline.global_batch(step))
-        m1.append(jax.device_get(m))
-    assert np.abs(np.asarray(state.params["map_augment"]["kernel"]) - augment_init).max() > 0
-    for a, b in zip(m8, m1):
-        np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
-    for x, y in zip(leaves(st8.params), leaves(state.params)):
-        np.testing.assert_allclose(x, y, rtol=1e-5, atol=1e-6)
+    # ... and the augmentation labels reach the network through a trained embedding.
+    assert np.abs(np.asarray(grad)).max() > 0
 
 
 @pytest.mark.slow

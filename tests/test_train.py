@@ -16,20 +16,6 @@ from imm_jax.training import checkpointing, input_pipeline, optim, sharding, tra
 from test_config import load
 
 
-@pytest.fixture(scope="module", autouse=True)
-def compilation_cache(tmp_path_factory):
-    """Every run here compiles the same tiny programs: reuse them across runs (cuts this module's time ~4x)."""
-    names = ("jax_compilation_cache_dir", "jax_persistent_cache_min_compile_time_secs",
-             "jax_persistent_cache_min_entry_size_bytes")
-    old = {n: getattr(jax.config, n) for n in names}
-    jax.config.update(names[0], str(tmp_path_factory.mktemp("jax_cache")))
-    jax.config.update(names[1], 0)
-    jax.config.update(names[2], 0)
-    yield
-    for n, v in old.items():
-        jax.config.update(n, v)
-
-
 def tiny(**train_overrides):
     c = load("tiny")
     for k, v in train_overrides.items():

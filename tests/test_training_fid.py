@@ -174,8 +174,8 @@ def test_fm_objective_trains_with_the_flow_matching_loss(tmp_path):
     params = jax.device_get(state.params)
     batch = input_pipeline.Pipeline(c, tr.mesh).global_batch(0)
     key = jax.random.fold_in(state.rng, 0)
-    want, _ = losses.fm_loss(tr.net, params, batch["image"], batch["label"], key, objective=tr.objective)
-    imm, _ = losses.imm_loss(tr.net, params, batch["image"], batch["label"], key, objective=tr.objective)
+    want, imm = jax.jit(lambda p: [loss(tr.net, p, batch["image"], batch["label"], key, objective=tr.objective)[0]
+                                   for loss in (losses.fm_loss, losses.imm_loss)])(params)
     _, m = tr.train_step(state, batch)
     np.testing.assert_allclose(float(m["loss"]), float(want), rtol=1e-5)
     assert abs(float(m["loss"]) - float(imm)) > 1e-3  # not the IMM loss

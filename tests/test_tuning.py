@@ -15,18 +15,12 @@ from imm_jax.core import sampling
 from imm_jax.core.losses import IMMObjective
 from imm_jax.inference import tuned_vectors, tuning
 from imm_jax.training import checkpointing
+from tiny_net import perturbed
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs"))
 import tiny  # noqa: E402
 
 SHAPE = (8, 8, 1)
-
-
-def _perturbed(params, seed=2, scale=0.05):
-    """Random weights everywhere (DiT zero-inits adaLN and the output, which would hide the conditioning)."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(jax.random.key(seed), len(leaves))
-    return jax.tree.unflatten(tree, [a + scale * jax.random.normal(k, a.shape) for a, k in zip(leaves, keys)])
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +30,7 @@ def model():
     x = jnp.zeros((2,) + SHAPE)
     params = jax.jit(net.init)(jax.random.key(0), x, jnp.ones(2), jnp.ones(2), jnp.zeros(2, jnp.int32))["params"]
     objective = IMMObjective.from_config(config.imm, num_classes=10)
-    return config, net, _perturbed(params), objective
+    return config, net, perturbed(params, seed=2, scale=0.05), objective
 
 
 def tiny_unet(num_classes=0):
@@ -53,8 +47,8 @@ def test_cond_override_and_offset_reproduce_default_and_reach_every_layer(family
         num_classes = 10
     else:
         net = networks.build(tiny_unet())
-        params = _perturbed(jax.jit(net.init)(jax.random.key(1), jnp.zeros((2,) + SHAPE), jnp.ones(2),
-                                              jnp.ones(2))["params"])
+        params = perturbed(jax.jit(net.init)(jax.random.key(1), jnp.zeros((2,) + SHAPE), jnp.ones(2),
+                                             jnp.ones(2))["params"], seed=2, scale=0.05)
         num_classes = 0
     layers, width = networks.cond_layout(net)
     assert layers == (2 if family == "dit" else 10)  # DiT: 1 block + final layer; UNet: 2+1 enc, 2+2+... dec
@@ -66,15 +60,12 @@ def test_cond_override_and_offset_reproduce_default_and_reach_every_layer(family
     base = run({})
     zero = jnp.zeros((layers, width))
     np.testing.assert_array_equal(run(dict(cond_offset=zero)), base)
-    # Op by op (no jit), replacing the time part by the model's own is the default path too.
-    n = 4
-    eager = lambda kw: net.apply({"params": params}, x[:n], t_in[:n], s_in[:n],
-                                 None if labels is None else labels[:n], **kw)
-    own = networks.time_condition(net, params, x[:n], t_in[:n], s_in[:n], None if labels is None else labels[:n])
-    assert own.shape == (n, width)
-    plain = eager({})
-    np.testing.assert_array_equal(eager(dict(cond_override=jnp.broadcast_to(own, (layers, n, width)))), plain)
-    np.testing.assert_array_equal(eager(dict(cond_offset=zero)), plain)
+    # Replacing the time part by the model's own is the default path too: equal up to float32 rounding (two programs
+    # fuse differently: 2.3e-6 seen on outputs up to 1.9; a 1% error in the vectors moves them by 1.6e-2).
+    own = jax.jit(networks.time_condition, static_argnums=0)(net, params, x, t_in, s_in, labels)
+    assert own.shape == (b, width)
+    np.testing.assert_allclose(run(dict(cond_override=jnp.broadcast_to(own, (layers, b, width)))), base,
+                               rtol=1e-5, atol=1e-5)
 
     # Every conditioned layer reads its own vector: perturbing only layer l changes the output.
     for layer in range(layers):

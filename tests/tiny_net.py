@@ -1,6 +1,16 @@
-"""A small Linen network obeying the networks contract, for testing the math without the real backbones."""
+"""A small Linen network obeying the networks contract, for testing the math without the real backbones; random
+weights for the real ones."""
 import flax.linen as nn
+import jax
+import jax.flatten_util
 import jax.numpy as jnp
+
+
+def perturbed(params, seed: int, scale: float):
+    """params + scale * N(0, 1) noise in every entry (the backbones zero-initialise layers that would hide what a
+    test looks at). One draw for the whole tree: a draw per leaf compiles one program per leaf shape."""
+    flat, unravel = jax.flatten_util.ravel_pytree(params)
+    return unravel(flat + scale * jax.random.normal(jax.random.key(seed), flat.shape))
 
 
 class TinyNet(nn.Module):
