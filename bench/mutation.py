@@ -4,6 +4,7 @@
     python bench/mutation.py --modules mmd losses --max-per-module 20 --seed 0  # a sample
     python bench/mutation.py --list                                           # the mutants, without running
     python bench/mutation.py --report --out bench/results/mutation.json       # score and survivors of a run
+    python bench/mutation.py --rerun-survivors --out bench/results/mutation.json  # survivors again, new tests
 
 Each mutant is one small edit of one expression in a core module (an arithmetic or comparison operator
 swapped, a numeric constant changed, a unary minus dropped, maximum <-> minimum, where's branches swapped),
@@ -54,6 +55,9 @@ EQUIVALENT = {
         "the 't' mapping at r == 0: either way r ends at s (the base case, or r = 0 clipped up to s)",
     ("losses", "if min_gap > 0:", "Gt -> GtE"):
         "with min_gap = 0, minimum(r, t - 0) is r, since r <= t",
+    ("losses", "return 1.0 / jnp.maximum(jnp.abs(self.param.c_out(s, t)), 1e-12)", "1e-12 -> 2e-12"):
+        "the floor acts only where |c_out(s, t)| < 2e-12, i.e. s = t up to ~1e-11 (r = s = t): both passes then "
+        "return the same x_t, k_tt = k_rr = k_tr and the group's MMD is 0 for any kernel weight",
 }
 
 _BINOP_SWAP = {ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.Pow: ast.Mult}
@@ -190,6 +194,8 @@ def main(argv=None):
     p.add_argument("--out", default="bench/results/mutation.json")
     p.add_argument("--list", action="store_true", help="print the mutants and exit")
     p.add_argument("--report", action="store_true", help="print the score and survivors of --out and exit")
+    p.add_argument("--rerun-survivors", action="store_true",
+                   help="run only the surviving, not-equivalent mutants of --out again (after adding tests)")
     args = p.parse_args(argv)
 
     plan = []
@@ -209,6 +215,10 @@ def main(argv=None):
     results = json.load(open(args.out))["mutants"] if os.path.isfile(args.out) else []
     if args.report:
         return report(results)
+    if args.rerun_survivors:
+        again = {(r["module"], r["index"]) for r in results if r["outcome"] == "survived" and not equivalence(r)}
+        results = [r for r in results if (r["module"], r["index"]) not in again]
+        plan = [s for s in plan if (s["module"], s["index"]) in again]
     done = {(r["module"], r["index"]) for r in results}
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copytree(os.path.join(ROOT, "imm_jax"), os.path.join(tmp, "imm_jax"),

@@ -97,8 +97,9 @@ def test_ablation_mappings_step_sizes():
     r_l = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.001, t_max=0.994, kind="logsnr")
     d_l = (float(interpolants.logsnr(0.001, "fm")) - float(interpolants.logsnr(0.994, "fm"))) / 16
     np.testing.assert_allclose(interpolants.logsnr(r_l, "fm") - interpolants.logsnr(t, "fm"), d_l, rtol=1e-4)
-    r_i = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.005, t_max=0.994, kind="inv_eta")
-    d_i = (1 / float(interpolants.eta(0.005, "fm")) - 1 / float(interpolants.eta(0.994, "fm"))) / 16
+    # t_max = 0.8: 1 / eta(t_max) = 0.25 is a visible part of the span (at 0.994 it is 0.006 of ~199)
+    r_i = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.005, t_max=0.8, kind="inv_eta")
+    d_i = (1 / float(interpolants.eta(0.005, "fm")) - 1 / float(interpolants.eta(0.8, "fm"))) / 16
     np.testing.assert_allclose(1 / interpolants.eta(r_i, "fm") - 1 / interpolants.eta(t, "fm"), d_i, rtol=1e-4)
     with pytest.raises(ValueError, match="t_min > 0"):
         losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.0, t_max=0.994, kind="logsnr")
@@ -158,6 +159,19 @@ def test_loss_matches_manual_computation():
     ref = np.mean(np.asarray(obj.weight(t)) *
                   mmd.grouped_mmd(yt.reshape(2, 4, -1), yr.reshape(2, 4, -1), kernel_weight=wk))
     np.testing.assert_allclose(float(loss), ref, rtol=1e-5)
+
+
+def test_time_metrics_describe_the_groups_pairs():
+    """gap_t_r is the mean of t - r and base_case_frac the share of groups with r = s (the induction's base case)
+    over the batch's (s, r, t); k = 1 puts almost every pair in the base case, k = 10 few."""
+    for k, seed in ((1, 0), (10, 1)):
+        obj, net, params, x, _ = make({"k": k, "particles": 1})  # 8 groups
+        key = jax.random.key(seed)
+        _, metrics = losses.imm_loss(net, params, x, None, key, objective=obj)
+        s, r, t = (np.asarray(v) for v in losses.sample_times(jax.random.split(key, 5)[0], 8, obj))
+        np.testing.assert_allclose(float(metrics["gap_t_r"]), np.mean(t - r), rtol=1e-6)
+        assert float(metrics["base_case_frac"]) == np.mean(r == s)
+        assert (float(metrics["base_case_frac"]) > 0.5) == (k == 1)
 
 
 def test_target_branch_contributes_no_gradient():
@@ -305,6 +319,12 @@ def test_k_schedule_stages():
     assert obj.k_at(None) == 7 and IMMObjective(k=7).k_at(jnp.asarray(500)) == 7
     with pytest.raises(ValueError, match="k_end >= k"):
         IMMObjective(k=7, k_end=6, k_ramp_steps=10)
+    with pytest.raises(ValueError, match="k_ramp_steps >= 1"):
+        IMMObjective(k=7, k_end=8, k_ramp_steps=0)
+    # the smallest valid schedules: k_end = k (constant), one ramp step (k_end from step 1 on)
+    assert float(IMMObjective(k=7, k_end=7, k_ramp_steps=10).k_at(jnp.asarray(5))) == 7
+    one = IMMObjective(k=7, k_end=8, k_ramp_steps=1)
+    assert [float(one.k_at(jnp.asarray(i))) for i in (0, 1, 2)] == [7, 8, 8]
 
 
 def test_k_schedule_loss_equals_constant_k_of_its_stage():
