@@ -3,7 +3,9 @@
     python bench/learning_curves.py --out docs/img/study/curves.png --json bench/results/study_curves.json \
         --run "IMM M=4=/work/runs/study/imm_m4" --run "flow matching=/work/runs/study/fm"
 
-One panel per sampling step count found (fid_<N>step), one line per run. A resumed run can hold a step twice
+One panel per sampling step count found (fid_<N>step), one line per run; runs labelled "METHOD, seed N" share
+METHOD's colour and differ in line style. A run can also be read back from a JSON this script wrote
+(`--run "LABEL=bench/results/study_curves.json#KEY"`), for runs whose directories are gone. A resumed run can hold a step twice
 in metrics.jsonl (the steps between its last checkpoint and the interruption are trained again); the last
 line of each step wins, which is the value the surviving trajectory produced. Images seen = step x batch
 (config.json of the run). Needs matplotlib for the PNG (pip install matplotlib).
@@ -34,17 +36,32 @@ def read_run(workdir: str) -> dict:
     return {"batch": batch, "fid": {n: sorted(v.items()) for n, v in sorted(rows.items())}}
 
 
+def read_json_run(spec: str) -> dict:
+    """A run from the --json output of an earlier invocation: spec = FILE#KEY."""
+    path, key = spec.split("#", 1)
+    with open(path) as f:
+        r = json.load(f)[key]
+    return {"workdir": r["workdir"], "batch": int(r["batch"]),
+            "fid": {int(n): [tuple(p) for p in pts] for n, pts in sorted(r["fid"].items(), key=lambda i: int(i[0]))}}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--run", action="append", required=True, help="LABEL=WORKDIR (LABEL may contain '=')")
+    p.add_argument("--run", action="append", required=True,
+                   help="LABEL=WORKDIR or LABEL=RESULTS.json#KEY (LABEL may contain '=')")
     p.add_argument("--out", default="", help="PNG path")
     p.add_argument("--json", default="", help="write the curves as JSON here")
     p.add_argument("--title", default="FID (in-training) vs training images seen")
     args = p.parse_args(argv)
     runs = {}
     for spec in args.run:
-        label, workdir = spec.rsplit("=", 1)
-        runs[label] = {"workdir": workdir, **read_run(workdir)}
+        if ".json#" in spec:  # the KEY may hold '=' too
+            head, key = spec.split(".json#", 1)
+            label, path = head.rsplit("=", 1)
+            runs[label] = read_json_run(f"{path}.json#{key}")
+        else:
+            label, workdir = spec.rsplit("=", 1)
+            runs[label] = {"workdir": workdir, **read_run(workdir)}
     for label, r in runs.items():
         for n, pts in r["fid"].items():
             last = pts[-1]
@@ -68,11 +85,17 @@ def plot(runs: dict, out: str, title: str):
     counts = sorted({n for r in runs.values() for n in r["fid"]})
     fig, axes = plt.subplots(1, len(counts), figsize=(3.6 * len(counts), 3.4), sharey=True, squeeze=False)
     for ax, n in zip(axes[0], counts):
-        for i, (label, r) in enumerate(runs.items()):
+        methods, repeats = [], {}
+        for label, r in runs.items():
+            method = label.split(", seed")[0]
+            if method not in methods:
+                methods.append(method)
+            style = ("-", "--", ":", "-.")[repeats.setdefault(method, 0) % 4]
+            repeats[method] += 1
             pts = r["fid"].get(n)
             if pts:
-                ax.plot([s * r["batch"] / 1e3 for s, _ in pts], [v for _, v in pts], "o-", ms=3, lw=1.3,
-                        color=f"C{i}", label=label)
+                ax.plot([s * r["batch"] / 1e3 for s, _ in pts], [v for _, v in pts], "o" + style, ms=3, lw=1.3,
+                        color=f"C{methods.index(method)}", label=label)
         ax.set_title(f"{n} step{'s' * (n > 1)}")
         ax.set_xlabel("training images seen (thousands)")
         ax.grid(alpha=0.3)
