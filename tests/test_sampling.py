@@ -35,6 +35,18 @@ def test_grid_errors():
         sampling.time_grid("karras", 2, schedule="fm", t_min=0.0, t_max=0.994)
 
 
+def test_per_step_conditioning_errors():
+    """Tuned per-step conditioning: one of cond_override / cond_offset, and only for pushforward / euler."""
+    net, params, obj, _ = setup()
+    grid = sampling.time_grid("uniform", 2, schedule="fm", t_min=0.006, t_max=0.994)
+    e = jnp.zeros((2, 1, 8))
+    run = lambda **kw: sampling.generate(net, params, jax.random.key(0), (4, 8, 8, 1), objective=obj, grid=grid, **kw)
+    with pytest.raises(ValueError, match="cond_override or cond_offset, not both"):
+        run(cond_override=e, cond_offset=e)
+    with pytest.raises(ValueError, match="defined for the 'pushforward' and 'euler' samplers, got sampler='restart'"):
+        run(sampler="restart", cond_offset=e)
+
+
 def setup(num_classes=0):
     net = TinyNet(num_classes=num_classes)
     x = jnp.zeros((4, 8, 8, 1))
