@@ -55,6 +55,10 @@ EQUIVALENT = {
         "the 't' mapping at r == 0: either way r ends at s (the base case, or r = 0 clipped up to s)",
     ("losses", "if min_gap > 0:", "Gt -> GtE"):
         "with min_gap = 0, minimum(r, t - 0) is r, since r <= t",
+    ("losses", 'k_ramp_steps=int(imm.get("k_ramp_steps", 0) or 0))', "0 -> 1"):
+        "get's default, read only for a config without k_ramp_steps, which has no k_end either (base.py brings both): "
+        "without k_end, k_ramp_steps is never read (the line's other '0 -> 1', the 'or 0', is killed by "
+        "test_objective_defaults_are_the_papers_cifar10_recipe)",
     ("losses", "return 1.0 / jnp.maximum(jnp.abs(self.param.c_out(s, t)), 1e-12)", "1e-12 -> 2e-12"):
         "the floor acts only where |c_out(s, t)| < 2e-12, i.e. s = t up to ~1e-11 (r = s = t): both passes then "
         "return the same x_t, k_tt = k_rr = k_tr and the group's MMD is 0 for any kernel weight",

@@ -7,6 +7,7 @@ import jax.numpy as jnp
 from imm_jax.core import interpolants, losses, mmd
 from imm_jax.core.losses import IMMObjective
 from imm_jax.core.parameterization import Parameterization
+from test_config import load
 from tiny_net import TinyNet
 
 RNG = np.random.default_rng(3)
@@ -98,9 +99,11 @@ def test_ablation_mappings_step_sizes():
     d_l = (float(interpolants.logsnr(0.001, "fm")) - float(interpolants.logsnr(0.994, "fm"))) / 16
     np.testing.assert_allclose(interpolants.logsnr(r_l, "fm") - interpolants.logsnr(t, "fm"), d_l, rtol=1e-4)
     # t_max = 0.8: 1 / eta(t_max) = 0.25 is a visible part of the span (at 0.994 it is 0.006 of ~199)
-    r_i = losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.005, t_max=0.8, kind="inv_eta")
+    # and t = 0.7, not 0.5: eta(0.5) = 1 = 1 / eta(0.5) would hide an eta taken for its inverse
+    t7 = jnp.array([0.7])
+    r_i = losses.mapping_r(s, t7, schedule="fm", k=4, t_min=0.005, t_max=0.8, kind="inv_eta")
     d_i = (1 / float(interpolants.eta(0.005, "fm")) - 1 / float(interpolants.eta(0.8, "fm"))) / 16
-    np.testing.assert_allclose(1 / interpolants.eta(r_i, "fm") - 1 / interpolants.eta(t, "fm"), d_i, rtol=1e-4)
+    np.testing.assert_allclose(1 / interpolants.eta(r_i, "fm") - 1 / interpolants.eta(t7, "fm"), d_i, rtol=1e-4)
     with pytest.raises(ValueError, match="t_min > 0"):
         losses.mapping_r(s, t, schedule="fm", k=4, t_min=0.0, t_max=0.994, kind="logsnr")
 
@@ -321,6 +324,10 @@ def test_k_schedule_stages():
         IMMObjective(k=7, k_end=6, k_ramp_steps=10)
     with pytest.raises(ValueError, match="k_ramp_steps >= 1"):
         IMMObjective(k=7, k_end=8, k_ramp_steps=0)
+    c = load("tiny")  # the same check for a config's schedule
+    c.imm.k, c.imm.k_end, c.imm.k_ramp_steps = 6, 9, 0
+    with pytest.raises(ValueError, match="k_ramp_steps >= 1"):
+        IMMObjective.from_config(c.imm, num_classes=10)
     # the smallest valid schedules: k_end = k (constant), one ramp step (k_end from step 1 on)
     assert float(IMMObjective(k=7, k_end=7, k_ramp_steps=10).k_at(jnp.asarray(5))) == 7
     one = IMMObjective(k=7, k_end=8, k_ramp_steps=1)

@@ -33,6 +33,11 @@ def test_grid_errors():
         sampling.time_grid("etas", 3, schedule="fm", t_min=0.006, t_max=0.994, mid_etas=[1.4])
     with pytest.raises(ValueError, match="Unknown grid"):
         sampling.time_grid("karras", 2, schedule="fm", t_min=0.0, t_max=0.994)
+    # a grid that is not strictly decreasing (a mid-point at t_max, or above it) is refused
+    for mid_t in (0.994, 0.999):
+        with pytest.raises(ValueError, match="must decrease strictly"):
+            sampling.time_grid("etas", 2, schedule="fm", t_min=0.006, t_max=0.994,
+                               mid_etas=[float(interpolants.eta(mid_t, "fm"))])
 
 
 def test_per_step_conditioning_errors():
