@@ -96,10 +96,17 @@ def _two_steps(config, mesh):
     return state, out
 
 
-def test_sharded_step_matches_single_device():
+@pytest.fixture(scope="module")
+def single_device_steps():
+    """Two steps of the tiny config on one device: the reference of the sharded and FSDP steps."""
+    c = tiny()
+    return _two_steps(c, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
+
+
+def test_sharded_step_matches_single_device(single_device_steps):
     c = tiny()
     st8, m8 = _two_steps(c, sharding.make_mesh(c.mesh))
-    st1, m1 = _two_steps(c, sharding.make_mesh(c.mesh, devices=jax.devices()[:1]))
+    st1, m1 = single_device_steps
     for a, b in zip(m8, m1):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
         np.testing.assert_allclose(a["grad_norm"], b["grad_norm"], rtol=1e-5)
@@ -109,7 +116,7 @@ def test_sharded_step_matches_single_device():
     assert len(jax.tree.leaves(st8.params)[0].sharding.device_set) == 8
 
 
-def test_fsdp_step_matches_single_device():
+def test_fsdp_step_matches_single_device(single_device_steps):
     c = tiny()
     c.mesh.fsdp = 2
     c.mesh.fsdp_min_size = 256  # shard the tiny model's larger matrices over "fsdp"
@@ -118,8 +125,7 @@ def test_fsdp_step_matches_single_device():
     assert sharded, "expected some parameters sharded over fsdp"
     # optimizer moments follow their parameters' layout
     assert any(not x.sharding.is_fully_replicated for x in jax.tree.leaves(st.opt_state))
-    c1 = tiny()
-    st1, m1 = _two_steps(c1, sharding.make_mesh(c1.mesh, devices=jax.devices()[:1]))
+    st1, m1 = single_device_steps
     for a, b in zip(m, m1):
         np.testing.assert_allclose(a["loss"], b["loss"], rtol=1e-5, atol=1e-7)
     for x, y in zip(leaves(st.params), leaves(st1.params)):
